@@ -1,0 +1,170 @@
+"""Permute tokens into expert-grouped rows and back.
+
+``permute`` / ``unpermute`` pick a backend:
+
+========  =====================================================  ==================
+backend   what                                                   devices
+========  =====================================================  ==================
+torch     reference (stable argsort + index_copy), ground truth   CPU, CUDA
+triton    fused counting sort + gather / weighted-reduce kernels  CUDA (CPU under
+                                                                  TRITON_INTERPRET=1)
+te        TransformerEngine ``moe_permute`` / ``moe_unpermute``   CUDA
+========  =====================================================  ==================
+
+``"auto"`` takes ``triton`` then ``te`` on CUDA when importable, else ``torch``. All backends
+return the same ``row_id_map`` format (see :mod:`moe_dispatch.permute.reference`), so
+``unpermute`` of one backend's output works with any backend.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+from .._checks import check_expert_ids_range, check_routing
+
+__all__ = ["permute", "permute_with_probs", "unpermute", "count_tokens_per_expert", "resolve_backend", "BACKENDS"]
+
+BACKENDS = ("torch", "triton", "te")
+_MODULES = {"torch": "reference", "triton": "triton", "te": "te"}
+_AUTO_ORDER_CUDA = ("triton", "te")
+
+
+def _module(backend: str) -> ModuleType:
+    return importlib.import_module(f"{__name__}.{_MODULES[backend]}")
+
+
+def resolve_backend(backend: str, device: torch.device, align_size: int = 1) -> str:
+    """Name of the backend that ``backend`` (possibly ``"auto"``) means on ``device``.
+
+    Raises:
+        ValueError: unknown backend name, or a backend that cannot run here (with why).
+    """
+    if backend == "auto":
+        if device.type == "cuda":
+            for name in _AUTO_ORDER_CUDA:
+                if (name != "te" or align_size == 1) and _module(name).is_available(device):
+                    return name
+        return "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"permute backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    if not _module(backend).is_available(device):
+        raise ValueError(f"permute backend {backend!r} is not available on {device}: {_module(backend).why_unavailable(device)}")
+    return backend
+
+
+def count_tokens_per_expert(selected_experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int64 ``[E]``: how many (token, k) slots chose each expert (-1 slots are not counted).
+    No host sync."""
+    flat = selected_experts.reshape(-1).long()
+    key = torch.where(flat >= 0, flat, num_experts)
+    return torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+
+
+def _check_permute_args(tokens, selected_experts, num_experts, probs, align_size, num_out_rows):
+    check_routing(tokens, selected_experts, probs, hidden_name="tokens", weights_name="probs")
+    if not isinstance(num_experts, int) or num_experts <= 0:
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    if not isinstance(align_size, int) or align_size < 1:
+        raise ValueError(f"align_size must be an int >= 1, got {align_size!r}")
+    if num_out_rows is not None and (not isinstance(num_out_rows, int) or num_out_rows < 0):
+        raise ValueError(f"num_out_rows must be None or an int >= 0, got {num_out_rows!r}")
+    check_expert_ids_range(selected_experts, num_experts)
+
+
+def permute(
+    tokens: torch.Tensor,
+    selected_experts: torch.Tensor,
+    num_experts: int,
+    backend: str = "auto",
+    *,
+    align_size: int = 1,
+    num_out_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copy each token once per chosen expert into rows grouped by expert.
+
+    Within one expert, rows are ordered by (token index, k).
+
+    Args:
+        tokens: ``[N, H]``.
+        selected_experts: ``[N, K]`` integer expert ids in ``[-1, num_experts)``; -1 = dropped.
+        num_experts: E.
+        backend: ``"auto" | "torch" | "triton" | "te"``.
+        align_size: pad each expert's group of rows to a multiple of this (zero rows), e.g. 16,
+            32 or 128 for FP8 / MXFP8 grouped GEMMs. ``te`` supports only 1.
+        num_out_rows: rows of the output. ``None`` computes the exact count (a host sync on
+            GPU); a larger value gives zero rows at the end; rows that do not fit are dropped
+            (their ``row_id_map`` entry is -1).
+
+    Returns:
+        ``(permuted [M, H], row_id_map int64 [N, K])``; see :mod:`moe_dispatch.permute.reference`.
+
+    Raises:
+        TypeError / ValueError naming the bad argument.
+    """
+    _check_permute_args(tokens, selected_experts, num_experts, None, align_size, num_out_rows)
+    name = resolve_backend(backend, tokens.device, align_size)
+    permuted, _, row_id_map = _module(name).permute(tokens, selected_experts, num_experts, None, align_size, num_out_rows)
+    return permuted, row_id_map
+
+
+def permute_with_probs(
+    tokens: torch.Tensor,
+    probs: torch.Tensor,
+    selected_experts: torch.Tensor,
+    num_experts: int,
+    backend: str = "auto",
+    *,
+    align_size: int = 1,
+    num_out_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``permute`` that also carries the routing probs ``[N, K]`` along.
+
+    Returns:
+        ``(permuted [M, H], permuted_probs [M] (0 on padding rows), row_id_map [N, K])``.
+    """
+    _check_permute_args(tokens, selected_experts, num_experts, probs, align_size, num_out_rows)
+    name = resolve_backend(backend, tokens.device, align_size)
+    permuted, permuted_probs, row_id_map = _module(name).permute(
+        tokens, selected_experts, num_experts, probs, align_size, num_out_rows
+    )
+    return permuted, permuted_probs, row_id_map
+
+
+def unpermute(
+    permuted: torch.Tensor,
+    row_id_map: torch.Tensor,
+    merging_probs: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Inverse of ``permute``: ``out[n] = sum_k merging_probs[n, k] * permuted[row_id_map[n, k]]``.
+
+    Accumulates in fp32; padding rows and dropped slots are ignored.
+
+    Args:
+        permuted: ``[M, H]``.
+        row_id_map: int64 ``[N, K]`` from ``permute``.
+        merging_probs: ``[N, K]`` floating point, or None for a plain sum over k.
+        backend: as in ``permute``.
+
+    Returns:
+        ``[N, H]`` in ``permuted``'s dtype.
+    """
+    if not isinstance(permuted, torch.Tensor) or permuted.dim() != 2:
+        raise ValueError(f"permuted must be a 2-D tensor [M, H], got {_describe(permuted)}")
+    if not isinstance(row_id_map, torch.Tensor) or row_id_map.dim() != 2 or row_id_map.dtype != torch.int64:
+        raise ValueError(f"row_id_map must be an int64 tensor [N, K] from permute, got {_describe(row_id_map)}")
+    if merging_probs is not None:
+        if not torch.is_floating_point(merging_probs):
+            raise TypeError(f"merging_probs must be floating point, got {merging_probs.dtype}")
+        if merging_probs.shape != row_id_map.shape:
+            raise ValueError(f"merging_probs must have row_id_map's shape {tuple(row_id_map.shape)}, got {tuple(merging_probs.shape)}")
+    name = resolve_backend(backend, permuted.device)
+    return _module(name).unpermute(permuted, row_id_map, merging_probs)
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__

@@ -1,0 +1,120 @@
+"""Pure-torch permutation: the ground truth every other backend is tested against.
+
+Runs on CPU and GPU, differentiable through ordinary autograd (``index_copy`` /
+``index_select``). Uses a stable ``argsort``: clear, not fast.
+
+``row_id_map`` (the format every backend shares): int64 ``[N, K]``; ``row_id_map[n, k]`` is the
+row of ``permuted`` that holds token ``n``'s copy for its ``k``-th expert, or -1 when that slot
+is dropped (``selected_experts[n, k] == -1``, or its row falls past ``num_out_rows``).
+
+Worked example, N=3, K=2, E=3, align_size=1::
+
+    selected_experts = [[2, 0],      sorted by (expert, token, k):
+                        [0, -1],       expert 0: (0,1) (1,0)   -> rows 0, 1
+                        [2, 1]]        expert 1: (2,1)         -> row 2
+                                       expert 2: (0,0) (2,0)   -> rows 3, 4
+    row_id_map       = [[3, 0],
+                        [1, -1],
+                        [4, 2]]
+    permuted         = [x0, x1, x2, x0, x2]
+
+With ``align_size=4`` each expert's group starts at a multiple of 4 (padding rows are zero):
+expert 0 -> rows 0, 1; expert 1 -> row 4; expert 2 -> rows 8, 9; ``permuted`` has 12 rows.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["make_row_id_map", "permute_rows", "unpermute_rows"]
+
+
+def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
+    return torch.cumsum(x, 0) - x
+
+
+def make_row_id_map(
+    selected_experts: torch.Tensor, num_experts: int, align_size: int, num_out_rows: int | None
+) -> tuple[torch.Tensor, int]:
+    """Sort the (token, k) slots by expert. Returns ``(row_id_map [N, K] int64, num_out_rows)``.
+
+    When ``num_out_rows`` is None it is computed (one device-to-host sync).
+    """
+    num_tokens, topk = selected_experts.shape
+    device = selected_experts.device
+    flat = selected_experts.reshape(-1).long()
+    valid = flat >= 0
+    key = torch.where(valid, flat, torch.full_like(flat, num_experts))  # dropped slots sort last
+    counts = torch.bincount(key, minlength=num_experts + 1)[: num_experts + 1]
+    padded = (counts + align_size - 1) // align_size * align_size
+    padded[num_experts] = 0
+    starts = _exclusive_cumsum(counts)
+    padded_starts = _exclusive_cumsum(padded)
+    if num_out_rows is None:
+        num_out_rows = int(padded.sum())  # host sync: output size depends on the routing
+    order = torch.argsort(key, stable=True)
+    sorted_key = key[order]
+    rank_in_expert = torch.arange(flat.numel(), device=device) - starts[sorted_key]
+    dest = padded_starts[sorted_key] + rank_in_expert
+    dest = torch.where((sorted_key < num_experts) & (dest < num_out_rows), dest, torch.full_like(dest, -1))
+    row_id_map = torch.empty_like(flat)
+    row_id_map[order] = dest
+    return row_id_map.view(num_tokens, topk), num_out_rows
+
+
+def permute_rows(tokens: torch.Tensor, row_id_map: torch.Tensor, num_out_rows: int) -> torch.Tensor:
+    """``permuted[row_id_map[n, k]] = tokens[n]``; unused (padding) rows are zero. ``[num_out_rows, H]``."""
+    topk = row_id_map.shape[1]
+    flat = row_id_map.reshape(-1)
+    valid = flat >= 0
+    token_of_slot = torch.arange(flat.numel(), device=flat.device) // topk
+    rows, src = flat[valid], token_of_slot[valid]
+    out = tokens.new_zeros(num_out_rows, tokens.shape[1])
+    return out.index_copy(0, rows, tokens.index_select(0, src))
+
+
+def unpermute_rows(
+    permuted: torch.Tensor, row_id_map: torch.Tensor, merging_probs: torch.Tensor | None
+) -> torch.Tensor:
+    """``out[n] = sum_k p[n, k] * permuted[row_id_map[n, k]]`` over kept slots, in fp32; ``[N, H]``
+    in ``permuted``'s dtype (``p = 1`` without ``merging_probs``)."""
+    num_tokens, topk = row_id_map.shape
+    acc_dtype = torch.promote_types(permuted.dtype, torch.float32)
+    # A zero row at the end stands in for dropped slots: no masking of possibly non-finite rows.
+    padded = torch.cat([permuted, permuted.new_zeros(1, permuted.shape[1])])
+    rows = torch.where(row_id_map >= 0, row_id_map, permuted.shape[0]).reshape(-1)
+    gathered = padded.index_select(0, rows).view(num_tokens, topk, -1).to(acc_dtype)
+    if merging_probs is not None:
+        gathered = gathered * merging_probs.to(acc_dtype).unsqueeze(-1)
+    return gathered.sum(1).to(permuted.dtype)
+
+
+# --- backend interface (see moe_dispatch.permute) ---------------------------------------------
+def is_available(device: torch.device) -> bool:
+    return True
+
+
+def permute(
+    tokens: torch.Tensor,
+    selected_experts: torch.Tensor,
+    num_experts: int,
+    probs: torch.Tensor | None,
+    align_size: int,
+    num_out_rows: int | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    row_id_map, num_out_rows = make_row_id_map(selected_experts, num_experts, align_size, num_out_rows)
+    permuted = permute_rows(tokens, row_id_map, num_out_rows)
+    permuted_probs = None
+    if probs is not None:
+        permuted_probs = permute_rows(probs.reshape(-1, 1), _slot_map(row_id_map), num_out_rows).view(-1)
+    return permuted, permuted_probs, row_id_map
+
+
+def unpermute(
+    permuted: torch.Tensor, row_id_map: torch.Tensor, merging_probs: torch.Tensor | None
+) -> torch.Tensor:
+    return unpermute_rows(permuted, row_id_map, merging_probs)
+
+
+def _slot_map(row_id_map: torch.Tensor) -> torch.Tensor:
+    """The same map with one "token" per (n, k) slot: ``[N*K, 1]``, to move per-slot values."""
+    return row_id_map.reshape(-1, 1)
