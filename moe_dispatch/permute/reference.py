@@ -82,7 +82,7 @@ def unpermute_rows(
     # A zero row at the end stands in for dropped slots: no masking of possibly non-finite rows.
     padded = torch.cat([permuted, permuted.new_zeros(1, permuted.shape[1])])
     rows = torch.where(row_id_map >= 0, row_id_map, permuted.shape[0]).reshape(-1)
-    gathered = padded.index_select(0, rows).view(num_tokens, topk, -1).to(acc_dtype)
+    gathered = padded.index_select(0, rows).view(num_tokens, topk, permuted.shape[1]).to(acc_dtype)
     if merging_probs is not None:
         gathered = gathered * merging_probs.to(acc_dtype).unsqueeze(-1)
     return gathered.sum(1).to(permuted.dtype)

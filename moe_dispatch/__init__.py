@@ -1,0 +1,24 @@
+"""moe_dispatch: pluggable Mixture-of-Experts token dispatch for PyTorch.
+
+Public API::
+
+    from moe_dispatch import (TokenDispatcher, DispatchOutput, AllToAllTokenDispatcher,
+                              NVLinkTokenDispatcher, FusedTokenRouter, TopKRouter,
+                              permute, unpermute)
+
+Importing this package needs only torch and numpy; TransformerEngine, DeepEP and Triton are
+imported lazily by the backends that use them.
+"""
+from __future__ import annotations
+
+from .dispatchers.all_to_all import AllToAllTokenDispatcher
+from .permute import count_tokens_per_expert, permute, permute_with_probs, unpermute
+from .protocol import DispatchOutput, TokenDispatcher
+from .routing import TopKRouter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TokenDispatcher", "DispatchOutput", "AllToAllTokenDispatcher", "TopKRouter",
+    "permute", "unpermute", "permute_with_probs", "count_tokens_per_expert",
+]

@@ -1,0 +1,224 @@
+"""``AllToAllTokenDispatcher``: permute locally, ``all_to_all_single``, regroup by local expert.
+
+Stages of a dispatch (each a private method, so each can be timed and later overlapped):
+
+1. ``_exchange_counts``: one all-gather of every rank's tokens-per-expert row (plus an error
+   flag, the hidden size and dtype, so a bad rank makes every rank raise instead of hanging),
+   then one device-to-host copy: the only host sync of a dispatch.
+2. ``_permute``: local permute by global expert; global experts are rank-major, so this also
+   groups rows by destination rank.
+3. ``_exchange_tokens``: ``all_to_all_single`` with uneven splits (differentiable: backward is
+   the reverse exchange).
+4. ``_regroup``: received rows come as (source rank, local expert) chunks; reorder them to
+   (local expert, source rank), the row-order contract of the protocol.
+
+Combine runs the stages backwards and applies the routing weights in fp32 in the unpermute.
+Works on NCCL (CUDA) and gloo (CPU).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import permute as _permute_ops
+from .._checks import check_routing, expert_ids_out_of_range
+from ..distributed import all_gather_rows, all_to_all, collective_device, group_rank
+from ..protocol import DispatchOutput
+from ._common import CODE_DTYPES, DTYPE_CODES, check_group_agreement, check_sizes
+
+__all__ = ["AllToAllTokenDispatcher", "AllToAllHandle"]
+
+
+@dataclass(frozen=True)
+class AllToAllHandle:
+    """Everything ``combine`` needs; immutable, so several micro-batches can be in flight.
+
+    Attributes:
+        row_id_map: int64 ``[N, K]``: row of the local permuted buffer for each (token, k).
+        routing_weights: ``[N, K]`` weights applied by combine.
+        send_splits: rows sent to each rank in dispatch (= received back in combine).
+        recv_splits: rows received from each rank in dispatch.
+        rank_major_index: int64 ``[R]`` gather index from expert-major rows back to the
+            received (source rank, local expert) order; None when no regrouping was needed.
+        num_received_rows: R.
+        hidden_dtype: dtype of ``hidden_states``; combine returns it.
+    """
+
+    row_id_map: torch.Tensor
+    routing_weights: torch.Tensor
+    send_splits: tuple[int, ...]
+    recv_splits: tuple[int, ...]
+    rank_major_index: torch.Tensor | None
+    num_received_rows: int
+    hidden_dtype: torch.dtype
+    group: object
+
+
+def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
+    return torch.cumsum(x, 0) - x
+
+
+def chunk_transpose_index(counts: torch.Tensor, total: int) -> torch.Tensor:
+    """Gather index that turns rows laid out as chunks ``(a, b)`` (a-major) into ``(b, a)`` order.
+
+    Args:
+        counts: int64 ``[A, B]`` on the rows' device; chunk (a, b) has ``counts[a, b]`` rows.
+        total: ``counts.sum()``, known on the host.
+
+    Returns:
+        int64 ``[total]``: ``out = rows[index]`` is b-major. No host sync.
+
+    Example: counts ``[[1, 2], [3, 0]]`` (rows ``a0b0 | a0b1 a0b1 | a1b0 a1b0 a1b0``) ->
+    index ``[0, 3, 4, 5, 1, 2]``.
+    """
+    src_start = _exclusive_cumsum(counts.reshape(-1)).view_as(counts)
+    lengths = counts.t().reshape(-1)
+    shift = src_start.t().reshape(-1) - _exclusive_cumsum(lengths)
+    return torch.repeat_interleave(shift, lengths, output_size=total) + torch.arange(total, device=counts.device)
+
+
+class AllToAllTokenDispatcher:
+    """Token dispatcher on ``torch.distributed.all_to_all_single`` and the permute kernels.
+
+    Args:
+        num_experts: E, global.
+        num_local_experts: L = E / ep_size, experts on each rank.
+        hidden_size: H.
+        ep_size: ranks of the EP group; 1 means no communication.
+        permute_backend: ``"auto" | "torch" | "triton" | "te"`` (see ``moe_dispatch.permute``).
+
+    Raises:
+        ValueError: ``num_experts % ep_size != 0``, ``num_local_experts * ep_size != num_experts``,
+            non-positive sizes, an unknown permute backend.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        num_local_experts: int,
+        hidden_size: int,
+        ep_size: int = 1,
+        permute_backend: str = "auto",
+    ) -> None:
+        check_sizes(num_experts, num_local_experts, hidden_size, ep_size)
+        if permute_backend != "auto" and permute_backend not in _permute_ops.BACKENDS:
+            raise ValueError(f"permute_backend must be one of {('auto',) + _permute_ops.BACKENDS}, got {permute_backend!r}")
+        self.num_experts, self.num_local_experts = num_experts, num_local_experts
+        self.hidden_size, self.ep_size, self.permute_backend = hidden_size, ep_size, permute_backend
+        self._group = None
+
+    def __repr__(self) -> str:
+        return (f"AllToAllTokenDispatcher(num_experts={self.num_experts}, num_local_experts={self.num_local_experts}, "
+                f"hidden_size={self.hidden_size}, ep_size={self.ep_size}, permute_backend={self.permute_backend!r})")
+
+    # --- protocol -----------------------------------------------------------------------------
+    def set_ep_group(self, group) -> None:
+        """Bind to the EP process group (``None`` only when ``ep_size == 1``).
+
+        Every rank checks, with one small all-gather, that all ranks agree on the number of
+        experts, local experts, hidden size and EP size; on disagreement all raise ValueError.
+        """
+        if group is None:
+            if self.ep_size != 1:
+                raise ValueError(f"group must be a ProcessGroup of {self.ep_size} ranks for ep_size={self.ep_size}, got None")
+            self._group = None
+            return
+        check_group_agreement(group, self.ep_size, {
+            "num_experts": self.num_experts, "num_local_experts": self.num_local_experts,
+            "hidden_size": self.hidden_size, "ep_size": self.ep_size,
+        })
+        self._group = group
+
+    def dispatch(
+        self, hidden_states: torch.Tensor, selected_experts: torch.Tensor, routing_weights: torch.Tensor
+    ) -> DispatchOutput:
+        """See :meth:`moe_dispatch.TokenDispatcher.dispatch`. One host sync (the counts)."""
+        check_routing(hidden_states, selected_experts, routing_weights, hidden_size=self.hidden_size)
+        if hidden_states.dtype not in DTYPE_CODES:
+            raise TypeError(f"hidden_states dtype must be one of {list(DTYPE_CODES)}, got {hidden_states.dtype}")
+        if self.ep_size > 1 and self._group is None:
+            raise RuntimeError(f"ep_size={self.ep_size}: call set_ep_group(group) before dispatch")
+        backend = _permute_ops.resolve_backend(self.permute_backend, hidden_states.device)
+        counts_all, counts_host = self._exchange_counts(hidden_states, selected_experts)
+        rank = group_rank(self._group)
+        send_splits = counts_host[rank].view(self.ep_size, self.num_local_experts).sum(1).tolist()
+        recv_counts_host = counts_host[:, rank * self.num_local_experts:(rank + 1) * self.num_local_experts]  # [P, L]
+        recv_splits = recv_counts_host.sum(1).tolist()
+        num_received = sum(recv_splits)
+
+        permuted, _, row_id_map = _permute_ops._module(backend).permute(
+            hidden_states, selected_experts, self.num_experts, None, 1, sum(send_splits))
+        received = self._exchange_tokens(permuted, recv_splits, send_splits)
+
+        recv_counts = counts_all[:, rank * self.num_local_experts:(rank + 1) * self.num_local_experts]
+        recv_counts = recv_counts.to(hidden_states.device)
+        expert_input, rank_major_index = self._regroup(received, recv_counts, num_received)
+        handle = AllToAllHandle(
+            row_id_map=row_id_map, routing_weights=routing_weights,
+            send_splits=tuple(send_splits), recv_splits=tuple(recv_splits),
+            rank_major_index=rank_major_index, num_received_rows=num_received,
+            hidden_dtype=hidden_states.dtype, group=self._group,
+        )
+        return DispatchOutput(expert_input=expert_input, tokens_per_expert=recv_counts.sum(0), handle=handle)
+
+    def combine(self, expert_output: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
+        """See :meth:`moe_dispatch.TokenDispatcher.combine`. No host sync."""
+        if not isinstance(handle, AllToAllHandle):
+            raise TypeError(f"handle must be the AllToAllHandle from this dispatcher's dispatch, got {type(handle).__name__}")
+        if not isinstance(expert_output, torch.Tensor) or not torch.is_floating_point(expert_output):
+            raise TypeError(f"expert_output must be a floating-point tensor, got {type(expert_output).__name__}")
+        if expert_output.dim() != 2 or expert_output.shape[0] != handle.num_received_rows:
+            raise ValueError(
+                f"expert_output must be [R={handle.num_received_rows}, H] (R from the handle), "
+                f"got {tuple(expert_output.shape)}")
+        rows = expert_output
+        if handle.rank_major_index is not None:
+            rows = rows.index_select(0, handle.rank_major_index)
+        back = self._exchange_tokens(rows, handle.send_splits, handle.recv_splits, group=handle.group)
+        backend = _permute_ops.resolve_backend(self.permute_backend, expert_output.device)
+        out = _permute_ops._module(backend).unpermute(back, handle.row_id_map, handle.routing_weights)
+        return out.to(handle.hidden_dtype)
+
+    # --- stages ---------------------------------------------------------------------------------
+    def _exchange_counts(self, hidden_states: torch.Tensor, selected_experts: torch.Tensor):
+        """-> ``(counts [P, E] on the collective device, the same on the host)``; raises on
+        every rank if any rank passed bad expert ids or a different hidden size / dtype."""
+        counts = _permute_ops.count_tokens_per_expert(selected_experts, self.num_experts)
+        meta = torch.stack([
+            expert_ids_out_of_range(selected_experts, self.num_experts),
+            torch.tensor(hidden_states.shape[1], device=counts.device),
+            torch.tensor(DTYPE_CODES[hidden_states.dtype], device=counts.device),
+        ])
+        row = torch.cat([counts, meta])
+        if self._group is None:
+            table = row.unsqueeze(0)
+        else:
+            table = all_gather_rows(row.to(collective_device(self._group)), self._group)
+        host = table.cpu()  # host sync: the split sizes of the token exchange
+        self._raise_on_bad_ranks(host[:, self.num_experts:], hidden_states)
+        return table[:, : self.num_experts], host[:, : self.num_experts]
+
+    def _raise_on_bad_ranks(self, meta: torch.Tensor, hidden_states: torch.Tensor) -> None:
+        bad = [r for r, n in enumerate(meta[:, 0].tolist()) if n]
+        if bad:
+            raise ValueError(f"selected_experts must be in [-1, {self.num_experts}); rank(s) {bad} passed ids outside it")
+        sizes, codes = meta[:, 1].tolist(), meta[:, 2].tolist()
+        if len(set(sizes)) > 1 or len(set(codes)) > 1:
+            dtypes = [str(CODE_DTYPES[c]) for c in codes]
+            raise ValueError(f"EP ranks disagree on hidden_states: hidden sizes {sizes}, dtypes {dtypes}")
+
+    def _exchange_tokens(self, rows: torch.Tensor, output_splits, input_splits, group=None) -> torch.Tensor:
+        group = self._group if group is None else group
+        if group is None:
+            return rows
+        return all_to_all(rows, output_splits, input_splits, group)
+
+    def _regroup(self, received: torch.Tensor, recv_counts: torch.Tensor, num_received: int):
+        """(source rank, local expert) chunks -> (local expert, source rank). Returns the
+        expert-major rows and the inverse index combine uses (None when the order is the same)."""
+        if self.ep_size == 1 or self.num_local_experts == 1:
+            return received, None
+        expert_major = chunk_transpose_index(recv_counts, num_received)
+        rank_major = chunk_transpose_index(recv_counts.t().contiguous(), num_received)
+        return received.index_select(0, expert_major), rank_major

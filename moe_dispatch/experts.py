@@ -1,0 +1,231 @@
+"""Stacked SwiGLU experts: the "experts" stage of an MoE layer (route -> dispatch -> **experts** -> combine).
+
+Shape legend (as in :mod:`moe_dispatch.protocol`)::
+
+    R  rows received by this rank, grouped by local expert     H  hidden size
+    L  experts local to this rank                              I  expert FFN (intermediate) size
+
+Weights are stacked over local experts so that a later EP wrapper can turn each into a DTensor
+``Shard(0)`` over the EP mesh and so one grouped GEMM covers all experts:
+
+- ``experts_gate_up_weight`` ``[L, 2*I, H]``: rows ``[:I]`` are the gate projection (HF ``w1``),
+  rows ``[I:]`` the up projection (HF ``w3``); HF transformers 5 ``gate_up_proj`` has this layout.
+- ``experts_down_weight`` ``[L, H, I]``: the down projection (HF ``w2`` / ``down_proj``).
+
+Expert ``l`` computes ``down_l(silu(gate_l(x)) * up_l(x))`` on rows
+``[offset_l, offset_l + tokens_per_expert[l])``, ``offset_l = sum(tokens_per_expert[:l])``.
+
+Backends (``backend=``):
+
+==========  ===================================================  ===========================
+backend     what                                                 where
+==========  ===================================================  ===========================
+grouped_mm  ``torch._grouped_mm`` with int32 cumulative offsets   CUDA, bf16, sm90+; no sync
+te          TransformerEngine ``GroupedLinear`` (FP8 / FP4 under  CUDA with TE installed;
+            ``te.autocast``), fed views of the stacked weights    one host sync (m_splits)
+loop        one ``F.linear`` pair per expert (the reference)     any device and dtype; one
+                                                                 host sync
+==========  ===================================================  ===========================
+
+``"auto"`` picks ``grouped_mm`` on CUDA for bf16 inputs when it can run there, else ``loop``
+(decided per call from the input). This module imports nothing else of the package.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["SwiGLUExperts", "EXPERT_BACKENDS", "resolve_expert_backend", "import_transformer_engine"]
+
+EXPERT_BACKENDS = ("grouped_mm", "te", "loop")
+
+_TE_INSTALL_HINT = 'pip install "moe_dispatch[te]" (or transformer-engine[pytorch])'
+
+
+def import_transformer_engine():
+    """``transformer_engine.pytorch``, imported lazily.
+
+    Raises:
+        ImportError: TransformerEngine is not installed (with how to install it).
+    """
+    try:
+        return importlib.import_module("transformer_engine.pytorch")
+    except ImportError as err:
+        raise ImportError(f"this feature needs TransformerEngine: {_TE_INSTALL_HINT}; import failed: {err}") from err
+
+
+def _grouped_mm_why_unavailable(x: torch.Tensor, hidden_size: int, intermediate_size: int) -> str | None:
+    """None when ``torch._grouped_mm`` can run the SwiGLU GEMMs on ``x``, else the reason."""
+    if not hasattr(torch, "_grouped_mm"):
+        return f"torch {torch.__version__} has no torch._grouped_mm (needs torch >= 2.8)"
+    if x.device.type != "cuda":
+        return f"input is on {x.device}; the grouped_mm backend runs on CUDA"
+    if x.dtype != torch.bfloat16:
+        return f"input dtype is {x.dtype}; torch._grouped_mm needs bfloat16"
+    if torch.cuda.get_device_capability(x.device) < (9, 0):
+        return "torch._grouped_mm needs compute capability >= 9.0 (H100 or newer)"
+    if hidden_size % 8 or intermediate_size % 8:
+        return f"hidden ({hidden_size}) and intermediate ({intermediate_size}) sizes must be multiples of 8 (16-byte rows)"
+    return None
+
+
+def resolve_expert_backend(backend: str, x: torch.Tensor, hidden_size: int, intermediate_size: int) -> str:
+    """The backend ``backend`` (possibly ``"auto"``) means for input ``x``.
+
+    Raises:
+        ValueError: unknown name, or ``grouped_mm`` asked for where it cannot run (with why).
+    """
+    if backend == "auto":
+        return "grouped_mm" if _grouped_mm_why_unavailable(x, hidden_size, intermediate_size) is None else "loop"
+    if backend not in EXPERT_BACKENDS:
+        raise ValueError(f"expert backend must be one of {('auto',) + EXPERT_BACKENDS}, got {backend!r}")
+    if backend == "grouped_mm":
+        why = _grouped_mm_why_unavailable(x, hidden_size, intermediate_size)
+        if why is not None:
+            raise ValueError(f"expert backend 'grouped_mm' cannot run here: {why}")
+    return backend
+
+
+class _TEGroupedSwiGLU(nn.Module):
+    """Two TE ``GroupedLinear`` modules that own no weights: each forward hands them views of the
+    stacked parameters, so the state dict and the DTensor-friendly layout stay those of
+    :class:`SwiGLUExperts` whatever the backend. They keep TE's FP8 scaling state (amax history)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        te = import_transformer_engine()
+        kwargs = dict(bias=False, device="meta", params_dtype=dtype or torch.get_default_dtype())
+        self.gate_up = te.GroupedLinear(num_experts, hidden_size, 2 * intermediate_size, **kwargs)
+        self.down = te.GroupedLinear(num_experts, intermediate_size, hidden_size, **kwargs)
+        self.num_experts = num_experts
+        for linear in (self.gate_up, self.down):
+            for i in range(num_experts):
+                del linear._parameters[f"weight{i}"]  # replaced by views of the stacked weight at each call
+
+    @staticmethod
+    def _bind(linear: nn.Module, weight_LOI: torch.Tensor) -> None:
+        # GroupedLinear reads ``weight{i}`` by attribute; plain tensors in __dict__ shadow nothing.
+        for i, w in enumerate(weight_LOI.unbind(0)):
+            linear.__dict__[f"weight{i}"] = w
+
+    def forward(self, x_RH, m_splits: list[int], gate_up_weight, down_weight) -> torch.Tensor:
+        self._bind(self.gate_up, gate_up_weight)
+        self._bind(self.down, down_weight)
+        try:
+            gate_up_R2I = self.gate_up(x_RH, m_splits)
+            gate_RI, up_RI = gate_up_R2I.chunk(2, dim=-1)
+            return self.down(F.silu(gate_RI) * up_RI, m_splits)
+        finally:
+            for linear in (self.gate_up, self.down):  # drop the views: no reference to the graph
+                for i in range(self.num_experts):
+                    linear.__dict__.pop(f"weight{i}", None)
+
+
+class SwiGLUExperts(nn.Module):
+    """``L`` SwiGLU experts with stacked weights, applied to expert-grouped rows.
+
+    Args:
+        num_experts: L, experts held by this module (the EP rank's local experts).
+        hidden_size: H.
+        intermediate_size: I.
+        backend: ``"auto" | "grouped_mm" | "te" | "loop"`` (see the module docstring). ``"te"``
+            builds TE modules now and raises ImportError without TransformerEngine.
+        device, dtype: of the parameters.
+
+    Parameters (uninitialised; call :meth:`reset_parameters` or let the model init them):
+        experts_gate_up_weight: ``[L, 2*I, H]``, gate rows first, then up rows.
+        experts_down_weight: ``[L, H, I]``.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        backend: str = "auto",
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("num_experts", num_experts), ("hidden_size", hidden_size), ("intermediate_size", intermediate_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if backend != "auto" and backend not in EXPERT_BACKENDS:
+            raise ValueError(f"backend must be one of {('auto',) + EXPERT_BACKENDS}, got {backend!r}")
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.backend = backend
+        factory = dict(device=device, dtype=dtype)
+        self.experts_gate_up_weight = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **factory))
+        self.experts_down_weight = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **factory))
+        self.te_grouped = _TEGroupedSwiGLU(num_experts, hidden_size, intermediate_size, dtype) if backend == "te" else None
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
+                f"intermediate_size={self.intermediate_size}, backend={self.backend!r}")
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Normal(0, std) init of both stacked weights (as HF Mixtral)."""
+        self.experts_gate_up_weight.normal_(0.0, std)
+        self.experts_down_weight.normal_(0.0, std)
+
+    def forward(self, expert_input: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """Apply expert ``l`` to its group of rows.
+
+        Args:
+            expert_input: ``[R, H]`` rows grouped by local expert (``DispatchOutput.expert_input``).
+                Rows past ``tokens_per_expert.sum()`` are padding; their output is unspecified
+                (zero for ``loop`` and ``te``) and combine ignores them.
+            tokens_per_expert: integer ``[L]``, rows of each expert, on ``expert_input``'s device.
+
+        Returns:
+            ``[R, H]`` in ``expert_input``'s dtype.
+        """
+        if expert_input.dim() != 2 or expert_input.shape[1] != self.hidden_size:
+            raise ValueError(f"expert_input must be [R, {self.hidden_size}], got {tuple(expert_input.shape)}")
+        if tokens_per_expert.dim() != 1 or tokens_per_expert.shape[0] != self.num_experts:
+            raise ValueError(f"tokens_per_expert must be [{self.num_experts}], got {tuple(tokens_per_expert.shape)}")
+        backend = "te" if self.backend == "te" else resolve_expert_backend(
+            self.backend, expert_input, self.hidden_size, self.intermediate_size)
+        if backend == "grouped_mm":
+            return self._forward_grouped_mm(expert_input, tokens_per_expert)
+        counts = [int(c) for c in tokens_per_expert.tolist()]  # host sync: per-expert row counts
+        if backend == "te":
+            return self._forward_te(expert_input, counts)
+        return self._forward_loop(expert_input, counts)
+
+    # --- backends ---------------------------------------------------------------------------------
+    def _forward_grouped_mm(self, x_RH: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        if x_RH.shape[0] == 0:
+            return x_RH.new_empty(0, self.hidden_size)
+        offsets_L = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)  # end row of each expert, no sync
+        w_gate_up = self.experts_gate_up_weight.to(x_RH.dtype)
+        w_down = self.experts_down_weight.to(x_RH.dtype)
+        gate_up_R2I = torch._grouped_mm(x_RH, w_gate_up.transpose(-2, -1), offs=offsets_L)
+        gate_RI, up_RI = gate_up_R2I.chunk(2, dim=-1)
+        return torch._grouped_mm(F.silu(gate_RI) * up_RI, w_down.transpose(-2, -1), offs=offsets_L)
+
+    def _forward_te(self, x_RH: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        used = sum(counts)
+        out_RH = self.te_grouped(x_RH[:used], counts, self.experts_gate_up_weight, self.experts_down_weight)
+        if used < x_RH.shape[0]:
+            out_RH = torch.cat([out_RH, out_RH.new_zeros(x_RH.shape[0] - used, self.hidden_size)])
+        return out_RH
+
+    def _forward_loop(self, x_RH: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        w_gate_up = self.experts_gate_up_weight.to(x_RH.dtype)
+        w_down = self.experts_down_weight.to(x_RH.dtype)
+        outputs, start = [], 0
+        for expert, count in enumerate(counts):
+            # Experts with no rows still run (on 0 rows) so every weight is in the graph.
+            x_TH = x_RH[start:start + count]
+            gate_TI, up_TI = F.linear(x_TH, w_gate_up[expert]).chunk(2, dim=-1)
+            outputs.append(F.linear(F.silu(gate_TI) * up_TI, w_down[expert]))
+            start += count
+        if start < x_RH.shape[0]:
+            outputs.append(x_RH.new_zeros(x_RH.shape[0] - start, self.hidden_size))
+        return torch.cat(outputs)

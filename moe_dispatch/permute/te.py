@@ -1,0 +1,75 @@
+"""TransformerEngine backend: ``moe_permute`` / ``moe_unpermute`` with the index map.
+
+TransformerEngine is optional and imported lazily. TE's index ``row_id_map`` is int32
+``[K * N]``, k-major (``te_map[k * N + n]`` = destination row, -1 past ``num_out_tokens``);
+ours is int64 ``[N, K]``: the conversion is a transpose. TE sorts with a radix sort on the
+expert id, stable in (n, k), so rows come out in the same order as the torch reference.
+Dropped slots (-1) are given the id E, which sorts after every real expert, and then cut off by
+``num_out_tokens`` = number of kept slots. Only ``align_size == 1``.
+"""
+from __future__ import annotations
+
+import torch
+
+_INSTALL = 'TransformerEngine is not installed: pip install "moe_dispatch[te]" (transformer-engine[pytorch])'
+
+
+def _te():
+    try:
+        import transformer_engine.pytorch as te
+    except ImportError as exc:  # pragma: no cover - depends on the machine
+        raise ImportError(_INSTALL) from exc
+    return te
+
+
+def why_unavailable(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "TransformerEngine's permutation runs on CUDA only"
+    try:
+        _te()
+    except ImportError as exc:
+        return str(exc)
+    return ""
+
+
+def is_available(device: torch.device) -> bool:
+    return not why_unavailable(device)
+
+
+def permute(tokens, selected_experts, num_experts, probs, align_size, num_out_rows):
+    if align_size != 1:
+        raise ValueError(f"the te permute backend supports align_size=1 only, got {align_size}")
+    te = _te()
+    num_tokens, topk = selected_experts.shape
+    valid = selected_experts >= 0
+    if num_out_rows is None:
+        num_out_rows = int(valid.sum())  # host sync: output size depends on the routing
+    if num_tokens == 0 or topk == 0:
+        return (tokens.new_zeros(num_out_rows, tokens.shape[1]), None if probs is None else probs.new_zeros(num_out_rows),
+                torch.full((num_tokens, topk), -1, dtype=torch.int64, device=tokens.device))
+    indices = torch.where(valid, selected_experts, num_experts).to(torch.int32)
+    kept = min(num_out_rows, num_tokens * topk)
+    permuted, te_map = te.moe_permute(tokens, indices, kept, map_type="index")
+    row_id_map = te_map.view(topk, num_tokens).t().long()
+    # TE keeps the first `kept` sorted slots; slots of the "drop" id E that fit must still be -1.
+    row_id_map = torch.where(valid, row_id_map, -1)
+    if permuted.shape[0] < num_out_rows:
+        permuted = torch.cat([permuted, permuted.new_zeros(num_out_rows - permuted.shape[0], permuted.shape[1])])
+    permuted_probs = None
+    if probs is not None:
+        flat_rows = row_id_map.reshape(-1)
+        keep = flat_rows >= 0
+        permuted_probs = probs.new_zeros(num_out_rows).index_copy(0, flat_rows[keep], probs.reshape(-1)[keep])
+    return permuted, permuted_probs, row_id_map
+
+
+def unpermute(permuted, row_id_map, merging_probs):
+    te = _te()
+    num_tokens, topk = row_id_map.shape
+    if num_tokens == 0 or topk == 0 or permuted.shape[0] == 0:
+        from .reference import unpermute_rows
+        return unpermute_rows(permuted, row_id_map, merging_probs)
+    te_map = row_id_map.t().reshape(-1).to(torch.int32)
+    probs = None if merging_probs is None else merging_probs.float()
+    out = te.moe_unpermute(permuted, te_map, merging_probs=probs, map_type="index")
+    return out.to(permuted.dtype)
