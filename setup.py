@@ -34,7 +34,7 @@ setup(
         "te": ["transformer-engine[pytorch]"],
         "plot": ["matplotlib"],
     },
-    entry_points={"console_scripts": ["moe-dispatch-bench=moe_dispatch.bench.__main__:main"]},
+    entry_points={"console_scripts": ["moe-dispatch-bench=moe_dispatch.bench.runner:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
