@@ -89,6 +89,15 @@ def resolve_expert_backend(backend: str, x: torch.Tensor, hidden_size: int, inte
     return backend
 
 
+def _te_quantization_enabled() -> bool:
+    """Whether a TE ``autocast`` (FP8 / FP4) region is active."""
+    try:
+        from transformer_engine.pytorch.quantization import FP8GlobalStateManager
+    except ImportError:  # TE < 2.8
+        from transformer_engine.pytorch.fp8 import FP8GlobalStateManager
+    return FP8GlobalStateManager.is_fp8_enabled()
+
+
 class _TEGroupedSwiGLU(nn.Module):
     """Two TE ``GroupedLinear`` modules that own no weights: each forward hands them views of the
     stacked parameters, so the state dict and the DTensor-friendly layout stay those of
@@ -100,6 +109,8 @@ class _TEGroupedSwiGLU(nn.Module):
         kwargs = dict(bias=False, device="meta", params_dtype=dtype or torch.get_default_dtype())
         self.gate_up = te.GroupedLinear(num_experts, hidden_size, 2 * intermediate_size, **kwargs)
         self.down = te.GroupedLinear(num_experts, intermediate_size, hidden_size, **kwargs)
+        # Quantized grouped GEMMs need each expert's rows padded (16 FP8, 32 MXFP8, 128 NVFP4).
+        self.pad, self.unpad = te.Fp8Padding(num_experts), te.Fp8Unpadding(num_experts)
         self.num_experts = num_experts
         for linear in (self.gate_up, self.down):
             for i in range(num_experts):
@@ -115,9 +126,14 @@ class _TEGroupedSwiGLU(nn.Module):
         self._bind(self.gate_up, gate_up_weight)
         self._bind(self.down, down_weight)
         try:
-            gate_up_R2I = self.gate_up(x_RH, m_splits)
+            quantized = _te_quantization_enabled()
+            splits = m_splits
+            if quantized:
+                x_RH, splits = self.pad(x_RH, m_splits)
+            gate_up_R2I = self.gate_up(x_RH, splits)
             gate_RI, up_RI = gate_up_R2I.chunk(2, dim=-1)
-            return self.down(F.silu(gate_RI) * up_RI, m_splits)
+            out_RH = self.down(F.silu(gate_RI) * up_RI, splits)
+            return self.unpad(out_RH, m_splits) if quantized else out_RH
         finally:
             for linear in (self.gate_up, self.down):  # drop the views: no reference to the graph
                 for i in range(self.num_experts):

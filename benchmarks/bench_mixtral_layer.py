@@ -1,0 +1,219 @@
+"""Mixtral MoE layer on one GPU: our block (each expert backend) vs transformers' block vs the bound.
+
+Shape (defaults, Mixtral 8x7B): hidden 4096, ffn 14336, 8 experts, top-2, 4096 tokens, bf16.
+
+Rows:
+- ``hf``: ``transformers`` ``MixtralSparseMoeBlock`` (its default, eager experts), same weights.
+- ``ours[<backend>]``: ``NVMixtralSparseMoeBlock`` (fp32 router -> AllToAllTokenDispatcher at
+  EP=1 -> SwiGLUExperts(<backend>) -> combine), for every backend that runs here.
+- ``experts[<backend>]``: the experts stage alone on already-dispatched rows (no "vs hf").
+
+``rel err``: ``||ours - hf|| / ||hf||`` with HF's router run in fp32 as ours (bf16 router logits
+would flip near-tied top-k choices and hide everything else).
+
+Bound: the expert GEMMs at the bf16 matmul rate measured in this run (an 8192^3 matmul):
+forward ``3 GEMMs * 2 * tokens * top_k * H * I`` FLOPs, forward+backward 3x that.
+
+Timing: CUDA events, median of ``--iters`` after ``--warmup`` calls. Forward is timed under
+``torch.no_grad()``; forward+backward with autograd, parameter grads reset (set to None) each call.
+
+Usage::
+
+    python benchmarks/bench_mixtral_layer.py [--tokens 4096] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+import torch
+
+
+def median_ms(fn, warmup: int, iters: int) -> float:
+    """Median wall time of ``fn()`` on the current stream, CUDA events, in ms."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def matmul_tflops(warmup: int, iters: int, n: int = 8192) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = median_ms(lambda: torch.mm(a, b), warmup, iters)
+    return 2 * n ** 3 / (ms * 1e-3) / 1e12
+
+
+def available_backends() -> list[str]:
+    backends = []
+    if hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability() >= (9, 0):
+        backends.append("grouped_mm")
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+        backends.append("te")
+    except ImportError:
+        pass
+    backends.append("loop")
+    return backends
+
+
+def _fp32_router(router):
+    """HF router math with fp32 logits, as NVMixtral's router."""
+
+    def forward(hidden_states):
+        hidden_states = hidden_states.reshape(-1, router.hidden_dim)
+        logits = torch.nn.functional.linear(hidden_states.float(), router.weight.float())
+        top, index = torch.topk(torch.softmax(logits, dim=-1), router.top_k, dim=-1)
+        return logits, top / top.sum(dim=-1, keepdim=True), index
+
+    return forward
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def timed_pair(module_fn, x: torch.Tensor, params, warmup: int, iters: int) -> tuple[float, float]:
+    """(forward ms, forward+backward ms) of ``module_fn(x) -> [.., H]`` tensor."""
+    with torch.no_grad():
+        fwd = median_ms(lambda: module_fn(x), warmup, iters)
+    x_grad = x.detach().requires_grad_()
+    grad_out = torch.randn_like(x)
+
+    def step():
+        for p in params:
+            p.grad = None
+        x_grad.grad = None
+        module_fn(x_grad).backward(grad_out)
+
+    return fwd, median_ms(step, warmup, iters)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--ffn", type=int, default=14336)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--topk", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--backends", default=None, help="comma list of expert backends (default: all that run here)")
+    parser.add_argument("--permute-backend", default="auto")
+    parser.add_argument("--skip-hf", action="store_true", help="do not time transformers' block")
+    parser.add_argument("--json", default=None, help="write results as JSON to this path ('-' for stdout)")
+    args = parser.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        print("bench_mixtral_layer: needs a CUDA GPU (none found); nothing to measure.")
+        return 0
+
+    import transformers
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    from moe_dispatch.models.mixtral import NVMixtralConfig, NVMixtralSparseMoeBlock
+
+    T, H, I, E, K = args.tokens, args.hidden, args.ffn, args.experts, args.topk
+    fields = dict(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=K, num_hidden_layers=1)
+    torch.manual_seed(0)
+    hf_block = MixtralSparseMoeBlock(MixtralConfig(**fields)).to(device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in hf_block.parameters():
+            p.normal_(0.0, 0.02)
+    x = torch.randn(1, T, H, device="cuda", dtype=torch.bfloat16)
+
+    tflops = matmul_tflops(args.warmup, args.iters)
+    fwd_flops = 3 * 2 * T * K * H * I
+    bound = {"fwd": fwd_flops / (tflops * 1e12) * 1e3, "fwd_bwd": 3 * fwd_flops / (tflops * 1e12) * 1e3}
+
+    # Reference output: HF's block with its router in fp32 like ours (HF's bf16 router logits
+    # flip near-tied top-k choices, which says nothing about the rest of the layer).
+    hf_forward = hf_block.gate.forward
+    hf_block.gate.forward = _fp32_router(hf_block.gate)
+    with torch.no_grad():
+        hf_out = hf_block(x.clone())
+    hf_block.gate.forward = hf_forward
+
+    rows = []
+    if not args.skip_hf:
+        fwd, fwd_bwd = timed_pair(lambda t: hf_block(t), x, list(hf_block.parameters()), args.warmup, args.iters)
+        with torch.no_grad():  # HF as shipped (bf16 router) against the fp32-routed reference
+            err = rel_err(hf_block(x.clone()), hf_out)
+        rows.append({"name": "hf", "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "rel_err_vs_hf": err})
+
+    backends = args.backends.split(",") if args.backends else available_backends()
+    config = NVMixtralConfig(**fields, permute_backend=args.permute_backend)
+    for backend in backends:
+        with torch.device("cuda"):
+            block = NVMixtralSparseMoeBlock(config, expert_backend=backend)
+        block = block.to(torch.bfloat16)  # the router gate stays fp32
+        with torch.no_grad():
+            block.router.gate.weight.copy_(hf_block.gate.weight)
+            block.experts.experts_gate_up_weight.copy_(hf_block.experts.gate_up_proj)
+            block.experts.experts_down_weight.copy_(hf_block.experts.down_proj)
+            out = block(x).hidden_states
+        err = rel_err(out, hf_out)
+        fwd, fwd_bwd = timed_pair(lambda t: block(t).hidden_states, x, list(block.parameters()), args.warmup, args.iters)
+        rows.append({"name": f"ours[{backend}]", "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "rel_err_vs_hf": err})
+
+        # the experts stage alone, on the rows this routing dispatches
+        with torch.no_grad():
+            selected, weights, _ = block.router(x.view(T, H).float())
+            dispatched = block.dispatcher.dispatch(x.view(T, H), selected, weights)
+        rows_in, counts = dispatched.expert_input.contiguous(), dispatched.tokens_per_expert
+        fwd, fwd_bwd = timed_pair(lambda t: block.experts(t, counts), rows_in, list(block.experts.parameters()),
+                                  args.warmup, args.iters)
+        rows.append({"name": f"experts[{backend}]", "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "rel_err_vs_hf": None})
+        del block, dispatched, rows_in
+        torch.cuda.empty_cache()
+
+    hf_row = rows[0] if rows and rows[0]["name"] == "hf" else None
+    for row in rows:
+        row["fwd_vs_bound"] = row["fwd_ms"] / bound["fwd"]
+        row["fwd_bwd_vs_bound"] = row["fwd_bwd_ms"] / bound["fwd_bwd"]
+        if hf_row is not None and not row["name"].startswith("experts["):
+            row["fwd_speedup_vs_hf"] = hf_row["fwd_ms"] / row["fwd_ms"]
+            row["fwd_bwd_speedup_vs_hf"] = hf_row["fwd_bwd_ms"] / row["fwd_bwd_ms"]
+
+    result = {
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "shape": {"tokens": T, "hidden": H, "ffn": I, "experts": E, "top_k": K, "dtype": "bf16"},
+        "matmul_tflops": tflops, "bound_ms": bound, "rows": rows,
+    }
+    print(f"{result['device']}  torch {torch.__version__}  transformers {transformers.__version__}")
+    print(f"T={T} H={H} I={I} E={E} top-{K} bf16; bf16 matmul {tflops:.0f} TFLOP/s; "
+          f"bound fwd {bound['fwd']:.2f} ms, fwd+bwd {bound['fwd_bwd']:.2f} ms")
+    header = f"{'row':<22}{'fwd ms':>9}{'x bound':>9}{'vs hf':>8}{'fwd+bwd ms':>12}{'x bound':>9}{'vs hf':>8}{'rel err':>10}"
+    print(header)
+    print("-" * len(header))
+    def speedup(row, key):
+        return f"{row[key]:.2f}x" if key in row else ""
+
+    for row in rows:
+        err = "" if row["rel_err_vs_hf"] is None else f"{row['rel_err_vs_hf']:.1e}"
+        print(f"{row['name']:<22}{row['fwd_ms']:>9.2f}{row['fwd_vs_bound']:>9.2f}{speedup(row, 'fwd_speedup_vs_hf'):>8}"
+              f"{row['fwd_bwd_ms']:>12.2f}{row['fwd_bwd_vs_bound']:>9.2f}{speedup(row, 'fwd_bwd_speedup_vs_hf'):>8}"
+              f"{err:>10}")
+    if args.json:
+        text = json.dumps(result, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
