@@ -32,6 +32,7 @@ setup(
         "test": ["pytest", "pytest-benchmark", "pytest-timeout", "hypothesis", "transformers>=5.0",
                  "safetensors", "triton"],
         "te": ["transformer-engine[pytorch]"],
+        "models": ["transformers>=5.0", "safetensors"],
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["moe-dispatch-bench=moe_dispatch.bench.runner:main"]},

@@ -12,6 +12,9 @@ imported lazily by the backends that use them.
 from __future__ import annotations
 
 from .dispatchers.all_to_all import AllToAllTokenDispatcher
+from .dispatchers.deepep import FusedTokenRouter
+from .experts import SwiGLUExperts
+from .moe import MoELayer, MoEOutput
 from .permute import count_tokens_per_expert, permute, permute_with_probs, unpermute
 from .protocol import DispatchOutput, TokenDispatcher
 from .routing import TopKRouter
@@ -19,6 +22,7 @@ from .routing import TopKRouter
 __version__ = "0.1.0"
 
 __all__ = [
-    "TokenDispatcher", "DispatchOutput", "AllToAllTokenDispatcher", "TopKRouter",
+    "TokenDispatcher", "DispatchOutput", "AllToAllTokenDispatcher", "FusedTokenRouter", "TopKRouter",
     "permute", "unpermute", "permute_with_probs", "count_tokens_per_expert",
+    "SwiGLUExperts", "MoELayer", "MoEOutput",
 ]

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import permute as _permute_ops
 from .._checks import check_routing, expert_ids_out_of_range
 from ..distributed import all_gather_rows, all_to_all, collective_device, group_rank
+from ..permute import BACKENDS as PERMUTE_BACKENDS
+from ..permute import backend_module, count_tokens_per_expert, resolve_backend
 from ..protocol import DispatchOutput
 from ._common import CODE_DTYPES, DTYPE_CODES, check_group_agreement, check_sizes
 
@@ -102,8 +103,8 @@ class AllToAllTokenDispatcher:
         permute_backend: str = "auto",
     ) -> None:
         check_sizes(num_experts, num_local_experts, hidden_size, ep_size)
-        if permute_backend != "auto" and permute_backend not in _permute_ops.BACKENDS:
-            raise ValueError(f"permute_backend must be one of {('auto',) + _permute_ops.BACKENDS}, got {permute_backend!r}")
+        if permute_backend != "auto" and permute_backend not in PERMUTE_BACKENDS:
+            raise ValueError(f"permute_backend must be one of {('auto',) + PERMUTE_BACKENDS}, got {permute_backend!r}")
         self.num_experts, self.num_local_experts = num_experts, num_local_experts
         self.hidden_size, self.ep_size, self.permute_backend = hidden_size, ep_size, permute_backend
         self._group = None
@@ -139,7 +140,7 @@ class AllToAllTokenDispatcher:
             raise TypeError(f"hidden_states dtype must be one of {list(DTYPE_CODES)}, got {hidden_states.dtype}")
         if self.ep_size > 1 and self._group is None:
             raise RuntimeError(f"ep_size={self.ep_size}: call set_ep_group(group) before dispatch")
-        backend = _permute_ops.resolve_backend(self.permute_backend, hidden_states.device)
+        backend = resolve_backend(self.permute_backend, hidden_states.device)
         counts_all, counts_host = self._exchange_counts(hidden_states, selected_experts)
         rank = group_rank(self._group)
         send_splits = counts_host[rank].view(self.ep_size, self.num_local_experts).sum(1).tolist()
@@ -147,7 +148,7 @@ class AllToAllTokenDispatcher:
         recv_splits = recv_counts_host.sum(1).tolist()
         num_received = sum(recv_splits)
 
-        permuted, _, row_id_map = _permute_ops._module(backend).permute(
+        permuted, _, row_id_map = backend_module(backend).permute(
             hidden_states, selected_experts, self.num_experts, None, 1, sum(send_splits))
         received = self._exchange_tokens(permuted, recv_splits, send_splits)
 
@@ -176,15 +177,15 @@ class AllToAllTokenDispatcher:
         if handle.rank_major_index is not None:
             rows = rows.index_select(0, handle.rank_major_index)
         back = self._exchange_tokens(rows, handle.send_splits, handle.recv_splits, group=handle.group)
-        backend = _permute_ops.resolve_backend(self.permute_backend, expert_output.device)
-        out = _permute_ops._module(backend).unpermute(back, handle.row_id_map, handle.routing_weights)
+        backend = resolve_backend(self.permute_backend, expert_output.device)
+        out = backend_module(backend).unpermute(back, handle.row_id_map, handle.routing_weights)
         return out.to(handle.hidden_dtype)
 
     # --- stages ---------------------------------------------------------------------------------
     def _exchange_counts(self, hidden_states: torch.Tensor, selected_experts: torch.Tensor):
         """-> ``(counts [P, E] on the collective device, the same on the host)``; raises on
         every rank if any rank passed bad expert ids or a different hidden size / dtype."""
-        counts = _permute_ops.count_tokens_per_expert(selected_experts, self.num_experts)
+        counts = count_tokens_per_expert(selected_experts, self.num_experts)
         meta = torch.stack([
             expert_ids_out_of_range(selected_experts, self.num_experts),
             torch.tensor(hidden_states.shape[1], device=counts.device),

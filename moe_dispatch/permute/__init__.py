@@ -24,15 +24,18 @@ import torch
 
 from .._checks import check_expert_ids_range, check_routing
 
-__all__ = ["permute", "permute_with_probs", "unpermute", "count_tokens_per_expert", "resolve_backend", "BACKENDS"]
+__all__ = ["permute", "permute_with_probs", "unpermute", "count_tokens_per_expert", "resolve_backend", "backend_module", "BACKENDS"]
 
 BACKENDS = ("torch", "triton", "te")
 _MODULES = {"torch": "reference", "triton": "triton", "te": "te"}
 _AUTO_ORDER_CUDA = ("triton", "te")
 
 
-def _module(backend: str) -> ModuleType:
+def backend_module(backend: str) -> ModuleType:
+    """The module implementing ``backend`` (a resolved name, not ``"auto"``): its ``permute`` /
+    ``unpermute`` skip argument checks, for dispatchers that validated their inputs already."""
     return importlib.import_module(f"{__name__}.{_MODULES[backend]}")
+
 
 
 def resolve_backend(backend: str, device: torch.device, align_size: int = 1) -> str:
@@ -44,13 +47,13 @@ def resolve_backend(backend: str, device: torch.device, align_size: int = 1) -> 
     if backend == "auto":
         if device.type == "cuda":
             for name in _AUTO_ORDER_CUDA:
-                if (name != "te" or align_size == 1) and _module(name).is_available(device):
+                if (name != "te" or align_size == 1) and backend_module(name).is_available(device):
                     return name
         return "torch"
     if backend not in BACKENDS:
         raise ValueError(f"permute backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
-    if not _module(backend).is_available(device):
-        raise ValueError(f"permute backend {backend!r} is not available on {device}: {_module(backend).why_unavailable(device)}")
+    if not backend_module(backend).is_available(device):
+        raise ValueError(f"permute backend {backend!r} is not available on {device}: {backend_module(backend).why_unavailable(device)}")
     return backend
 
 
@@ -105,7 +108,7 @@ def permute(
     """
     _check_permute_args(tokens, selected_experts, num_experts, None, align_size, num_out_rows)
     name = resolve_backend(backend, tokens.device, align_size)
-    permuted, _, row_id_map = _module(name).permute(tokens, selected_experts, num_experts, None, align_size, num_out_rows)
+    permuted, _, row_id_map = backend_module(name).permute(tokens, selected_experts, num_experts, None, align_size, num_out_rows)
     return permuted, row_id_map
 
 
@@ -126,7 +129,7 @@ def permute_with_probs(
     """
     _check_permute_args(tokens, selected_experts, num_experts, probs, align_size, num_out_rows)
     name = resolve_backend(backend, tokens.device, align_size)
-    permuted, permuted_probs, row_id_map = _module(name).permute(
+    permuted, permuted_probs, row_id_map = backend_module(name).permute(
         tokens, selected_experts, num_experts, probs, align_size, num_out_rows
     )
     return permuted, permuted_probs, row_id_map
@@ -161,7 +164,7 @@ def unpermute(
         if merging_probs.shape != row_id_map.shape:
             raise ValueError(f"merging_probs must have row_id_map's shape {tuple(row_id_map.shape)}, got {tuple(merging_probs.shape)}")
     name = resolve_backend(backend, permuted.device)
-    return _module(name).unpermute(permuted, row_id_map, merging_probs)
+    return backend_module(name).unpermute(permuted, row_id_map, merging_probs)
 
 
 def _describe(x) -> str:
