@@ -159,7 +159,7 @@ def run_rank(rank, world, port, args, queue):
                             continue
                         try:
                             ms_d, ms_c, remote_bytes = bench_one(BACKENDS[name], E, K, H, T, args, rank, world, device, dtype)
-                        except (ImportError, ValueError) as exc:  # backend not usable here
+                        except (ImportError, ValueError, RuntimeError) as exc:  # backend not usable here
                             skipped[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
                             continue
                         rows.append(dict(backend=name, tokens=T, hidden=H, experts=E, topk=K, nproc=world,

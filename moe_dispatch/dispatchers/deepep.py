@@ -186,6 +186,9 @@ class _DeepEPCombine(torch.autograd.Function):
         return grad_partial, None, None
 
 
+_MAX_NVL_PEERS = 8  # DeepEP's NUM_MAX_NVL_PEERS: ranks of one NVLink domain
+
+
 class FusedTokenRouter:
     """Token dispatcher on DeepEP's normal-mode kernels (NVLink within a node).
 
@@ -365,7 +368,11 @@ class FusedTokenRouter:
         finally:
             buffer_cls.set_num_sms(previous)
         num_nvl_bytes = max(c.get_nvl_buffer_size_hint(hidden_bytes, num_ranks) for c in (dispatch_config, combine_config))
-        num_rdma_bytes = max(c.get_rdma_buffer_size_hint(hidden_bytes, num_ranks) for c in (dispatch_config, combine_config))
+        # Intranode (<= 8 NVLink peers) needs no RDMA buffer; asking an NVSHMEM-less build for
+        # its RDMA size hint is a host assertion inside DeepEP, so don't.
+        num_rdma_bytes = 0
+        if num_ranks > _MAX_NVL_PEERS:
+            num_rdma_bytes = max(c.get_rdma_buffer_size_hint(hidden_bytes, num_ranks) for c in (dispatch_config, combine_config))
         buffer = buffer_cls(group, num_nvl_bytes, num_rdma_bytes, explicitly_destroy=True)
         return _DeepEPComm(buffer=buffer, dispatch_config=dispatch_config, combine_config=combine_config,
                            group=group, hidden_bytes=hidden_bytes, num_sms=self.num_sms)

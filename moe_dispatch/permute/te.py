@@ -5,11 +5,14 @@ TransformerEngine is optional and imported lazily. TE's index ``row_id_map`` is 
 ours is int64 ``[N, K]``: the conversion is a transpose. TE sorts with a radix sort on the
 expert id, stable in (n, k), so rows come out in the same order as the torch reference.
 Dropped slots (-1) are given the id E, which sorts after every real expert, and then cut off by
-``num_out_tokens`` = number of kept slots. Only ``align_size == 1``.
+``num_out_tokens`` = number of kept slots. Only ``align_size == 1``. Rows that are not a multiple
+of 16 bytes, and empty inputs, go through the torch reference (TE faults on them).
 """
 from __future__ import annotations
 
 import torch
+
+from . import reference
 
 _INSTALL = 'TransformerEngine is not installed: pip install "moe_dispatch[te]" (transformer-engine[pytorch])'
 
@@ -36,17 +39,22 @@ def is_available(device: torch.device) -> bool:
     return not why_unavailable(device)
 
 
+def _te_can_take(rows: torch.Tensor) -> bool:
+    """TE's kernels move rows in 16-byte vectors: they need 16-byte rows and a non-empty input
+    (on other inputs they fault with a misaligned address). The torch path takes the rest."""
+    return rows.shape[0] > 0 and (rows.shape[1] * rows.element_size()) % 16 == 0
+
+
 def permute(tokens, selected_experts, num_experts, probs, align_size, num_out_rows):
     if align_size != 1:
         raise ValueError(f"the te permute backend supports align_size=1 only, got {align_size}")
+    if not _te_can_take(tokens) or selected_experts.shape[1] == 0:
+        return reference.permute(tokens, selected_experts, num_experts, probs, align_size, num_out_rows)
     te = _te()
     num_tokens, topk = selected_experts.shape
     valid = selected_experts >= 0
     if num_out_rows is None:
         num_out_rows = int(valid.sum())  # host sync: output size depends on the routing
-    if num_tokens == 0 or topk == 0:
-        return (tokens.new_zeros(num_out_rows, tokens.shape[1]), None if probs is None else probs.new_zeros(num_out_rows),
-                torch.full((num_tokens, topk), -1, dtype=torch.int64, device=tokens.device))
     indices = torch.where(valid, selected_experts, num_experts).to(torch.int32)
     kept = min(num_out_rows, num_tokens * topk)
     permuted, te_map = te.moe_permute(tokens, indices, kept, map_type="index")
@@ -64,11 +72,10 @@ def permute(tokens, selected_experts, num_experts, probs, align_size, num_out_ro
 
 
 def unpermute(permuted, row_id_map, merging_probs):
-    te = _te()
     num_tokens, topk = row_id_map.shape
-    if num_tokens == 0 or topk == 0 or permuted.shape[0] == 0:
-        from .reference import unpermute_rows
-        return unpermute_rows(permuted, row_id_map, merging_probs)
+    if num_tokens == 0 or topk == 0 or not _te_can_take(permuted):
+        return reference.unpermute(permuted, row_id_map, merging_probs)
+    te = _te()
     te_map = row_id_map.t().reshape(-1).to(torch.int32)
     probs = None if merging_probs is None else merging_probs.float()
     out = te.moe_unpermute(permuted, te_map, merging_probs=probs, map_type="index")

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One device session: every GPU check and benchmark of the project, step by step, each under its
+# own time limit, logs under $OUT (or ./gpu_logs). A failing step never stops the next one.
+#
+#   bash benchmarks/gpu_session.sh [STEP ...]      # default: all steps, in this order
+#
+# Steps: info core permute models deepep nvlink ep bench layer permute_bench nvlink_bench
+# TransformerEngine / DeepEP are used when importable (see ../shared/DEVICE.md and
+# install_hybridep.sh); the steps that need them say so and skip otherwise.
+set -uo pipefail
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
+NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || tail -n 3 "$OUT/install.log"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # also works where the editable install cannot build
+
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 secs=$2; shift 2
+  local t0=$SECONDS
+  timeout --kill-after=10 "$secs" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "== $name rc=$rc $((SECONDS - t0))s"
+  grep -E "PASS|FAIL|passed|failed|error|Error|SKIP" "$OUT/$name.log" | grep -v "^  " | tail -n 12
+}
+
+run_info() {
+  step info 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nvidia-smi topo -m;
+    python3 -c "import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__, \"gpus\", torch.cuda.device_count())";
+    python3 -c "import transformer_engine.pytorch as te; print(\"TE ok\")" || true;
+    python3 -c "import deep_ep; print(\"deep_ep ok\")" || true'
+  cat "$OUT/info.log" | head -20
+}
+run_core() { [ "$NGPU" -ge 2 ] && step core 150 torchrun --standalone --nproc-per-node 2 tests/distributed/all_to_all_equivalence.py; }
+run_permute() { step permute 150 python3 -m pytest -q -m gpu tests/test_permute.py tests/test_permute_triton.py -x; }
+run_models() { step models 200 python3 -m pytest -q -m gpu tests/models; }
+run_deepep() {
+  python3 -c "import deep_ep" 2>/dev/null || { [ -d .deepep ] && step deepep_build 200 bash install_hybridep.sh --src .deepep --intranode-only --work-dir /tmp/deepep-build; }
+  [ "$NGPU" -ge 2 ] && step deepep 150 torchrun --standalone --nproc-per-node 2 tests/distributed/deepep_equivalence.py
+}
+run_nvlink() { [ "$NGPU" -ge 2 ] && step nvlink 200 torchrun --standalone --nproc-per-node 2 tests/distributed/nvlink_equivalence.py; }
+run_ep() { [ "$NGPU" -ge 2 ] && step ep 200 torchrun --standalone --nproc-per-node "$NGPU" tests/distributed/mixtral_ep_equivalence.py; }
+run_bench() {
+  step bench 240 python3 -m moe_dispatch.bench --nproc 2 --out "$OUT/bench.json" ${BENCH_ARGS:-}
+  sed -n '/^# moe_dispatch bench/,$p' "$OUT/bench.log"
+}
+run_layer() { step layer 150 python3 benchmarks/bench_mixtral_layer.py --json "$OUT/layer.json"; tail -n 15 "$OUT/layer.log"; }
+run_permute_bench() { step permute_bench 150 python3 benchmarks/bench_permute.py --json "$OUT/permute_bench.json"; tail -n 20 "$OUT/permute_bench.log"; }
+run_nvlink_bench() { [ "$NGPU" -ge 2 ] && { step nvlink_bench 200 torchrun --standalone --nproc-per-node 2 benchmarks/bench_nvlink.py --json "$OUT/nvlink_bench.json"; tail -n 25 "$OUT/nvlink_bench.log"; }; }
+
+steps=${*:-info core permute models deepep nvlink ep bench layer permute_bench nvlink_bench}
+for s in $steps; do "run_$s"; done
