@@ -1,0 +1,469 @@
+"""Triton kernels for permute / unpermute: a counting sort of the (token, k) slots by expert fused
+with the row copy, a gather-reduce kernel, and the backward kernel of the latter.
+
+Imports torch and triton only (nothing else of ours). Import this module lazily: it imports
+triton at the top, and under ``TRITON_INTERPRET=1`` Triton decides how to run the kernels when
+they are defined, i.e. when this module is first imported.
+
+Shape legend: N tokens, H hidden, K top-k, E experts, S = N * K slots (flat index ``n * K + k``),
+M output rows (``num_out_rows``), T tokens per sort chunk, C = T * K slots per chunk,
+B = cdiv(N, T) chunks.
+
+``row_id_map`` (int64 ``[N, K]``) is the format of :mod:`moe_dispatch.permute.reference`:
+the row of ``permuted`` holding token n's copy for its k-th expert, -1 when dropped. Rows are
+grouped by expert, in (token, k) order inside an expert; each expert's group starts at a
+multiple of ``align_size`` (padding rows are zero); rows at or past M are dropped.
+
+Permute = a counting sort in three kernels, O(S) work, deterministic, no host sync:
+
+1. ``_expert_hist_kernel``, B programs: ``hist[b, e]`` = slots of chunk b that chose expert e.
+2. ``_expert_scan_kernel``, 1 program: ``counts[e] = sum_b hist[b, e]``; padded starts
+   ``ps[e] = sum_{e' < e} ceil(counts[e'] / a) * a``; chunk bases
+   ``base[b, e] = ps[e] + sum_{b' < b} hist[b', e]``; and ``meta`` (int32 ``[2, E + 1]``):
+   ``meta[0] = ps`` with ``ps[E]`` = rows used, ``meta[1] = counts`` with ``counts[E]`` = kept slots.
+3. ``_permute_kernel``, one program per token n (chunk b): the row of slot (n, k) with expert e
+   is ``base[b, e]`` + the number of slots of chunk b before (n, k) with expert e (a compare of
+   its K ids with the < C ids of its chunk before it), -1 if it falls at or past M. It writes
+   ``row_id_map[n]``, reads the token once and writes it to its K rows. Extra programs zero the
+   padding rows: one per expert when ``align_size > 1``, and a few for the rows past ``ps[E]``
+   when M may exceed it. No full memset.
+
+Worked example, N=3, K=2, E=3, align 1, one chunk (T >= 3)::
+
+    selected_experts = [[2, 0], [0, -1], [2, 1]]  -> slots e = [2, 0, 0, -1, 2, 1]
+    hist = counts = [2, 1, 2]        ps = [0, 2, 3, 5]          base[0] = [0, 2, 3]
+    slot 0 (e=2): 3 + 0 = 3    slot 1 (e=0): 0 + 0 = 0    slot 2 (e=0): 0 + 1 = 1
+    slot 3: -1                 slot 4 (e=2): 3 + 1 = 4    slot 5 (e=1): 2 + 0 = 2
+    row_id_map = [[3, 0], [1, -1], [4, 2]]
+
+Unpermute: ``_unpermute_kernel`` gathers a token's K rows and sums them in fp32 (one program per
+token); ``_unpermute_bwd_kernel`` scatters ``grad_out[n] * p[n, k]`` back to the rows and takes
+the row-wise dots for the gradient of the weights.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["permute", "unpermute", "unpermute_backward"]
+
+_INT32_MAX = 2**31 - 1
+# The scan reads its whole table hist [B, E] in one tile of at most this many elements (more
+# chunks: it loops over tiles); chunk sizes are picked so that B * E fits.
+_SCAN_TILE_ELEMS = 8192
+# Slots per chunk: at least this many (fewer, larger histogram programs) ...
+_MIN_CHUNK_SLOTS = 64
+# ... and at most this many: each token program compares its K ids with up to C ids of its chunk.
+_MAX_CHUNK_SLOTS = 1024
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _expert_hist_kernel(ids_ptr, hist_ptr, S, E, C, BLOCK_C: tl.constexpr, NBINS: tl.constexpr):
+    """``hist[b, e]`` (int32 ``[B, E]``) = slots of chunk b (``[b * C, (b + 1) * C)``) with expert e.
+
+    ``ids``: integer ``[S]``, expert per slot, -1 = dropped. NBINS: power of 2 > E, >= 32.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, BLOCK_C)
+    offs = b * C + j
+    e = tl.load(ids_ptr + offs, mask=(j < C) & (offs < S), other=-1).to(tl.int32)
+    key = tl.where((e >= 0) & (e < E), e, E)  # dropped slots and slots past the chunk: bin E, not stored
+    h = tl.histogram(key, NBINS)
+    bins = tl.arange(0, NBINS)
+    tl.store(hist_ptr + b * E + bins, h, mask=bins < E)
+
+
+@triton.jit
+def _expert_scan_kernel(
+    hist_ptr, base_ptr, meta_ptr, B, E, align, TB: tl.constexpr, BLOCK_E: tl.constexpr, ONE_TILE: tl.constexpr
+):
+    """One program. ``hist``, ``base``: int32 ``[B, E]``; ``meta``: int32 ``[2, E + 1]``.
+
+    Reads ``hist`` in tiles of ``[TB, BLOCK_E]``: once when ``ONE_TILE`` (B <= TB), else twice
+    (totals first, then the running prefix over chunks).
+    """
+    ev = tl.arange(0, BLOCK_E)
+    emask = ev < E
+    rb = tl.arange(0, TB).to(tl.int64)
+    if ONE_TILE:
+        tile_mask = (rb[:, None] < B) & emask[None, :]
+        h = tl.load(hist_ptr + rb[:, None] * E + ev[None, :], mask=tile_mask, other=0)
+        counts = tl.sum(h, axis=0)
+    else:
+        counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+        for b0 in range(0, B, TB):
+            r = b0 + rb
+            m = (r[:, None] < B) & emask[None, :]
+            counts += tl.sum(tl.load(hist_ptr + r[:, None] * E + ev[None, :], mask=m, other=0), axis=0)
+    padded = (counts + align - 1) // align * align
+    ps = tl.cumsum(padded, axis=0) - padded
+    tl.store(meta_ptr + ev, ps, mask=emask)
+    tl.store(meta_ptr + E, tl.sum(padded, axis=0))
+    tl.store(meta_ptr + (E + 1) + ev, counts, mask=emask)
+    tl.store(meta_ptr + (E + 1) + E, tl.sum(counts, axis=0))
+    if ONE_TILE:
+        tl.store(base_ptr + rb[:, None] * E + ev[None, :], ps[None, :] + tl.cumsum(h, axis=0) - h, mask=tile_mask)
+    else:
+        run = ps
+        for b0 in range(0, B, TB):
+            r = b0 + rb
+            m = (r[:, None] < B) & emask[None, :]
+            h = tl.load(hist_ptr + r[:, None] * E + ev[None, :], mask=m, other=0)
+            tl.store(base_ptr + r[:, None] * E + ev[None, :], run[None, :] + tl.cumsum(h, axis=0) - h, mask=m)
+            run += tl.sum(h, axis=0)
+
+
+@triton.jit
+def _kept(hm, row):
+    """``hm & (row >= 0)`` for a vector mask ``hm`` and a scalar ``row``, spelled with a vector
+    compare: Triton's interpreter mistypes ``vector_int1 & scalar_int1``. Same code on the GPU."""
+    return hm & ((row + tl.zeros(hm.shape, dtype=row.dtype)) >= 0)
+
+
+@triton.jit
+def _permute_kernel(
+    src_ptr, src_stride, ids_ptr, base_ptr, meta_ptr, probs_ptr, dst_ptr, dst_stride, dst_probs_ptr, rid_ptr,
+    K, E, H, M, n_pad_progs, n_tail_progs,
+    HAS_PROBS: tl.constexpr, T: tl.constexpr, RB: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_H: tl.constexpr, ZR: tl.constexpr,
+):
+    """Rank + copy: ``rid[n, k]`` = row of slot (n, k); ``dst[rid[n, k]] = src[n]``,
+    ``dst_probs[rid[n, k]] = probs[n, k]``; padding rows zero.
+
+    Programs ``[0, n_pad_progs)``: expert e's padding rows ``[ps[e] + counts[e], ps[e + 1])``.
+    Next ``n_tail_progs``: rows ``[ps[E], M)``, grid-strided. The rest: one token each.
+    src ``[N, H]`` (row stride ``src_stride``), ids integer ``[N * K]``, base int32 ``[B, E]``,
+    meta int32 ``[2, E + 1]``, probs ``[N, K]``, dst ``[M, H]``, dst_probs ``[M]``, rid int64 ``[N, K]``.
+    """
+    pid = tl.program_id(0)
+    if pid < n_pad_progs + n_tail_progs:
+        # zero rows [lo, hi): tiles of ZR rows at lo, lo + step, ...
+        if pid < n_pad_progs:  # expert pid's padding
+            lo = tl.load(meta_ptr + pid).to(tl.int64) + tl.load(meta_ptr + (E + 1) + pid)
+            hi = tl.minimum(tl.load(meta_ptr + pid + 1).to(tl.int64), M)
+            step = pid * 0 + ZR  # (tensors in both branches, even if an int arg is specialized to 1)
+        else:  # the rows past the last group, grid-strided over the tail programs
+            lo = tl.minimum(tl.load(meta_ptr + E).to(tl.int64), M) + (pid - n_pad_progs) * ZR
+            hi = tl.maximum(lo, M)
+            step = pid * 0 + n_tail_progs * ZR
+        r0 = lo
+        while r0 < hi:
+            rows = r0 + tl.arange(0, ZR).to(tl.int64)
+            rmask = rows < hi
+            zero = tl.zeros([ZR, BLOCK_H], dtype=dst_ptr.dtype.element_ty)
+            for h0 in range(0, H, BLOCK_H):
+                h = h0 + tl.arange(0, BLOCK_H)
+                tl.store(dst_ptr + rows[:, None] * dst_stride + h[None, :], zero, mask=rmask[:, None] & (h[None, :] < H))
+            if HAS_PROBS:
+                tl.store(dst_probs_ptr + rows, tl.zeros([ZR], dtype=dst_probs_ptr.dtype.element_ty), mask=rmask)
+            r0 += step
+    else:
+        n = (pid - n_pad_progs - n_tail_progs).to(tl.int64)
+        src = src_ptr + n * src_stride
+        h = tl.arange(0, BLOCK_H)
+        x = tl.load(src + h, mask=h < H)  # issued first: its latency overlaps the rank below
+        b = n // T
+        k = tl.arange(0, BLOCK_K)
+        slot = n * K + k
+        e = tl.load(ids_ptr + slot, mask=k < K, other=-1).to(tl.int32)
+        valid = (e >= 0) & (e < E)
+        base = tl.load(base_ptr + b * E + e, mask=valid, other=0)
+        # rank of each of the token's slots among the slots of its chunk with the same expert
+        # (positions inside the chunk in int32; only the ids before this token, RB at a time: a
+        # runtime loop keeps registers, hence occupancy, independent of the chunk size)
+        chunk_ids = ids_ptr + b * T * K
+        first = ((n % T) * K).to(tl.int32)
+        mine = first + k
+        rank = tl.zeros([BLOCK_K], dtype=tl.int32)
+        j0 = 0
+        while j0 < first + K:
+            j = j0 + tl.arange(0, RB)
+            ej = tl.load(chunk_ids + j, mask=j < first + K, other=-1).to(tl.int32)
+            hit = (ej[None, :] == e[:, None]) & (j[None, :] < mine[:, None])
+            rank += tl.sum(hit.to(tl.int32), axis=1)
+            j0 += RB
+        row = (base + rank).to(tl.int64)
+        keep = valid & (row < M)
+        row = tl.where(keep, row, -1)
+        tl.store(rid_ptr + slot, row, mask=k < K)
+        if HAS_PROBS:
+            tl.store(dst_probs_ptr + row, tl.load(probs_ptr + slot, mask=keep), mask=keep)
+        dst = dst_ptr + row[:, None] * dst_stride
+        for h0 in range(0, H, BLOCK_H):
+            h = h0 + tl.arange(0, BLOCK_H)
+            x_next = tl.load(src + h + BLOCK_H, mask=h + BLOCK_H < H)  # one chunk ahead
+            tl.store(dst + h[None, :], tl.broadcast_to(x[None, :], [BLOCK_K, BLOCK_H]), mask=keep[:, None] & (h[None, :] < H))
+            x = x_next
+
+
+@triton.jit
+def _unpermute_kernel(
+    src_ptr, src_stride, rid_ptr, probs_ptr, dst_ptr, dst_stride, K, H,
+    HAS_PROBS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """``dst[n] = sum_k probs[n, k] * src[rid[n, k]]`` over kept slots, in fp32; one token per program.
+
+    src ``[M, H]`` (row stride ``src_stride``), rid int64 ``[N, K]``, probs ``[N, K]``, dst ``[N, H]``.
+    """
+    n = tl.program_id(0).to(tl.int64)
+    for h0 in range(0, H, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)
+        hm = h < H
+        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for kk in tl.static_range(BLOCK_K):
+            row = tl.load(rid_ptr + n * K + kk, mask=kk < K, other=-1)
+            x = tl.load(src_ptr + row * src_stride + h, mask=_kept(hm, row), other=0).to(tl.float32)
+            if HAS_PROBS:
+                x = x * tl.load(probs_ptr + n * K + kk, mask=row >= 0, other=0).to(tl.float32)
+            acc += x
+        tl.store(dst_ptr + n * dst_stride + h, acc.to(dst_ptr.dtype.element_ty), mask=hm)
+
+
+@triton.jit
+def _unpermute_bwd_kernel(
+    g_ptr, g_stride, rid_ptr, probs_ptr, used_ptr, x_ptr, x_stride, dx_ptr, dx_stride, dprobs_ptr,
+    K, H, M, n_zero_progs,
+    HAS_PROBS: tl.constexpr, PROBS_GRAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+    ZB: tl.constexpr, ZR: tl.constexpr,
+):
+    """Backward of ``_unpermute_kernel``: ``dx[rid[n, k]] = g[n] * probs[n, k]`` (rows no slot maps
+    to: zero) and ``dprobs[n, k] = <g[n], x[rid[n, k]]>`` in fp32 (0 for dropped slots).
+
+    Programs ``[0, n_zero_progs)`` zero the unused rows among ``[ZB * pid, ZB * (pid + 1))``
+    (``used``: int8 ``[M + 1]``, nonzero where some slot maps); the rest: one token each.
+    g ``[N, H]``, rid int64 ``[N, K]``, probs ``[N, K]``, x and dx ``[M, H]``, dprobs ``[N, K]``.
+    """
+    pid = tl.program_id(0)
+    if pid < n_zero_progs:
+        r = pid.to(tl.int64) * ZB + tl.arange(0, ZB)
+        unused = tl.load(used_ptr + r, mask=r < M, other=1) == 0
+        if tl.max(unused.to(tl.int32), axis=0) > 0:
+            for r0 in range(0, ZB, ZR):
+                rows = pid.to(tl.int64) * ZB + r0 + tl.arange(0, ZR)
+                rz = tl.load(used_ptr + rows, mask=rows < M, other=1) == 0
+                zero = tl.zeros([ZR, BLOCK_H], dtype=dx_ptr.dtype.element_ty)
+                for h0 in range(0, H, BLOCK_H):
+                    h = h0 + tl.arange(0, BLOCK_H)
+                    tl.store(dx_ptr + rows[:, None] * dx_stride + h[None, :], zero, mask=rz[:, None] & (h[None, :] < H))
+    else:
+        n = (pid - n_zero_progs).to(tl.int64)
+        k = tl.arange(0, BLOCK_K)
+        row = tl.load(rid_ptr + n * K + k, mask=k < K, other=-1)
+        keep = row >= 0
+        if HAS_PROBS:
+            w = tl.load(probs_ptr + n * K + k, mask=keep, other=0).to(tl.float32)
+        if PROBS_GRAD:
+            dot = tl.zeros([BLOCK_K], dtype=tl.float32)
+        dx_rows = dx_ptr + row[:, None] * dx_stride
+        x_rows = x_ptr + row[:, None] * x_stride
+        for h0 in range(0, H, BLOCK_H):
+            h = h0 + tl.arange(0, BLOCK_H)
+            hm = h < H
+            m = keep[:, None] & hm[None, :]
+            g = tl.load(g_ptr + n * g_stride + h, mask=hm, other=0).to(tl.float32)
+            if HAS_PROBS:
+                dx = g[None, :] * w[:, None]
+            else:
+                dx = tl.broadcast_to(g[None, :], [BLOCK_K, BLOCK_H])
+            tl.store(dx_rows + h[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m)
+            if PROBS_GRAD:
+                x = tl.load(x_rows + h[None, :], mask=m, other=0).to(tl.float32)
+                dot += tl.sum(x * g[None, :], axis=1)
+        if PROBS_GRAD:
+            tl.store(dprobs_ptr + n * K + k, dot.to(dprobs_ptr.dtype.element_ty), mask=k < K)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+def _pow2(x: int) -> int:
+    return triton.next_power_of_2(max(int(x), 1))
+
+
+def _row_block(hidden: int, elem_bytes: int, rows_in_flight: int, max_row_bytes: int, max_tile_elems: int) -> tuple[int, int]:
+    """``(BLOCK_H, num_warps)`` for kernels that move rows of ``hidden`` elements: 16-byte vectors
+    per thread, at most ``max_row_bytes`` per row chunk and ``rows_in_flight * BLOCK_H <=
+    max_tile_elems`` elements per program and step, up to 4 warps (one program per token gives
+    thousands of programs: occupancy comes from many programs, not from wide ones)."""
+    vec = max(1, 16 // elem_bytes)
+    block_h = min(_pow2(hidden), max(vec * 32, min(max_row_bytes // elem_bytes, max_tile_elems // rows_in_flight)))
+    num_warps = max(1, min(4, block_h // (vec * 32)))
+    return block_h, num_warps
+
+
+def _chunk_tokens(num_tokens: int, topk: int, num_experts: int) -> int:
+    """Tokens per sort chunk (a power of 2): few enough chunks that the scan reads hist [B, E] in
+    one tile, at least ``_MIN_CHUNK_SLOTS`` and at most ``_MAX_CHUNK_SLOTS`` slots per chunk."""
+    k2 = _pow2(topk)
+    one_tile = _pow2(triton.cdiv(num_tokens * _pow2(num_experts), _SCAN_TILE_ELEMS))
+    lo, hi = max(1, _MIN_CHUNK_SLOTS // k2), max(1, _MAX_CHUNK_SLOTS // k2)
+    return min(max(one_tile, lo), hi)
+
+
+def permute(
+    tokens: torch.Tensor,
+    selected_experts: torch.Tensor,
+    num_experts: int,
+    probs: torch.Tensor | None,
+    align_size: int,
+    num_out_rows: int | None,
+    *,
+    chunk_tokens: int | None = None,
+    scan_tile: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Sort the (token, k) slots by expert and copy each token to its rows. Three kernels; no
+    host sync when ``num_out_rows`` is given.
+
+    Args:
+        tokens: ``[N, H]`` floating point (any row stride).
+        selected_experts: integer ``[N, K]`` in ``[-1, E)`` (-1: dropped).
+        num_experts: E.
+        probs: ``[N, K]`` floating point, or None.
+        align_size: each expert's group of rows starts at a multiple of this (padding rows zero).
+        num_out_rows: M; slots whose row would be ``>= M`` get -1, rows past the last group are
+            zero. None: exactly the rows needed (one host sync).
+        chunk_tokens, scan_tile: powers of 2 overriding the tokens per sort chunk and the chunks
+            per scan tile (tests use them to reach the many-chunk / many-tile paths when small).
+
+    Returns:
+        ``(permuted [M, H] in tokens' dtype, permuted_probs [M] in probs' dtype or None,
+        row_id_map int64 [N, K])``, on ``tokens.device``.
+    """
+    num_tokens, hidden = tokens.shape
+    topk = selected_experts.shape[1]
+    num_slots = num_tokens * topk
+    device = tokens.device
+    if num_slots + num_experts * (align_size - 1) > _INT32_MAX:
+        raise ValueError(
+            f"the triton permute backend needs N*K + E*(align_size-1) < 2**31, got N*K={num_slots}, "
+            f"E={num_experts}, align_size={align_size}"
+        )
+    row_id_map = torch.empty(num_tokens, topk, dtype=torch.int64, device=device)
+    meta = torch.empty(2, num_experts + 1, dtype=torch.int32, device=device)
+    ids = selected_experts.reshape(-1).contiguous()
+    chunk_tokens = chunk_tokens or _chunk_tokens(num_tokens, topk, num_experts)
+    num_chunks = triton.cdiv(num_tokens, chunk_tokens)
+    chunk = chunk_tokens * topk
+    block_e = _pow2(num_experts)
+    hist, base = torch.empty(2, num_chunks, num_experts, dtype=torch.int32, device=device)
+    if num_slots == 0:
+        meta.zero_()
+    else:
+        hist_block = max(32, _pow2(chunk))  # >= one warp: no replicated elements in the histogram
+        _expert_hist_kernel[(num_chunks,)](
+            ids, hist, num_slots, num_experts, chunk,
+            BLOCK_C=hist_block, NBINS=max(32, _pow2(num_experts + 1)), num_warps=max(1, min(4, hist_block // 32)),
+        )
+        tile = scan_tile or max(1, min(_pow2(num_chunks), _SCAN_TILE_ELEMS // block_e))
+        tile_elems = tile * block_e
+        _expert_scan_kernel[(1,)](
+            hist, base, meta, num_chunks, num_experts, align_size, TB=tile, BLOCK_E=block_e, ONE_TILE=num_chunks <= tile,
+            num_warps=max(1, min(8, tile_elems // 1024)),  # <= 32 table entries per thread: no spills
+        )
+
+    exact_rows = num_out_rows is None
+    if num_out_rows is None:
+        num_out_rows = int(meta[0, num_experts])  # host sync: the output size depends on the routing
+    if hidden > 0 and tokens.stride(1) != 1:
+        tokens = tokens.contiguous()
+    permuted = torch.empty(num_out_rows, hidden, dtype=tokens.dtype, device=device)
+    permuted_probs = None if probs is None else torch.empty(num_out_rows, dtype=probs.dtype, device=device)
+    block_k = _pow2(topk)
+    rank_block = min(_pow2(chunk), max(32, 1024 // block_k))  # compare tiles [BLOCK_K, RB] of <= 1024 ids
+    block_h, num_warps = _row_block(hidden, tokens.element_size(), block_k, 4096, 16384)
+    zero_rows = min(64, max(1, 8192 // block_h))
+    n_pad = num_experts if align_size > 1 else 0
+    n_tail = 0 if exact_rows else min(triton.cdiv(num_out_rows, zero_rows), 128)
+    grid = n_pad + n_tail + num_tokens
+    if grid > 0:
+        _permute_kernel[(grid,)](
+            tokens, tokens.stride(0), ids, base, meta,
+            permuted if probs is None else probs.contiguous(), permuted, permuted.stride(0),
+            permuted if permuted_probs is None else permuted_probs, row_id_map,
+            topk, num_experts, hidden, num_out_rows, n_pad, n_tail,
+            HAS_PROBS=probs is not None, T=chunk_tokens, RB=rank_block, BLOCK_K=block_k,
+            BLOCK_H=block_h, ZR=zero_rows, num_warps=num_warps,
+        )
+    return permuted, permuted_probs, row_id_map
+
+
+def unpermute(permuted: torch.Tensor, row_id_map: torch.Tensor, merging_probs: torch.Tensor | None) -> torch.Tensor:
+    """``out[n] = sum_k merging_probs[n, k] * permuted[row_id_map[n, k]]`` over kept slots, in fp32.
+
+    Args:
+        permuted: ``[M, H]`` floating point (any row stride).
+        row_id_map: int64 ``[N, K]``.
+        merging_probs: ``[N, K]`` floating point, or None (weights 1).
+
+    Returns:
+        ``[N, H]`` in ``permuted``'s dtype.
+    """
+    num_tokens, topk = row_id_map.shape
+    hidden = permuted.shape[1]
+    out = torch.empty(num_tokens, hidden, dtype=permuted.dtype, device=permuted.device)
+    if num_tokens == 0:
+        return out
+    if hidden > 0 and permuted.stride(1) != 1:
+        permuted = permuted.contiguous()
+    block_k = _pow2(topk)
+    block_h, num_warps = _row_block(hidden, permuted.element_size(), block_k, 8192, 8192)
+    _unpermute_kernel[(num_tokens,)](
+        permuted, permuted.stride(0), row_id_map.contiguous(),
+        out if merging_probs is None else merging_probs.contiguous(), out, out.stride(0), topk, hidden,
+        HAS_PROBS=merging_probs is not None, BLOCK_K=block_k, BLOCK_H=block_h, num_warps=num_warps,
+    )
+    return out
+
+
+def unpermute_backward(
+    grad_out: torch.Tensor,
+    permuted: torch.Tensor,
+    row_id_map: torch.Tensor,
+    merging_probs: torch.Tensor | None,
+    probs_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients of :func:`unpermute`. No host sync.
+
+    Args:
+        grad_out: ``[N, H]``.
+        permuted: ``[M, H]`` (read only when ``probs_grad``).
+        row_id_map: int64 ``[N, K]``.
+        merging_probs: ``[N, K]`` or None.
+        probs_grad: compute the gradient of ``merging_probs`` (needs it not None).
+
+    Returns:
+        ``(grad_permuted [M, H] in permuted's dtype, zero on rows no slot maps to;
+        grad_merging_probs [N, K] in merging_probs' dtype, or None)``.
+    """
+    num_tokens, topk = row_id_map.shape
+    num_rows, hidden = permuted.shape
+    device = permuted.device
+    if hidden > 0 and permuted.stride(1) != 1:
+        permuted = permuted.contiguous()
+    if hidden > 0 and grad_out.stride(1) != 1:
+        grad_out = grad_out.contiguous()
+    grad_permuted = torch.empty(num_rows, hidden, dtype=permuted.dtype, device=device)
+    grad_probs = torch.empty(num_tokens, topk, dtype=merging_probs.dtype, device=device) if probs_grad else None
+    rid = row_id_map.contiguous()
+    used = torch.zeros(num_rows + 1, dtype=torch.int8, device=device)
+    used.index_fill_(0, torch.where(rid >= 0, rid, num_rows).reshape(-1), 1)  # slot rows; -1 -> row M
+    block_k = _pow2(topk)
+    block_h, num_warps = _row_block(hidden, permuted.element_size(), block_k, 4096, 8192)
+    zero_block, zero_rows = 128, min(64, max(1, 8192 // block_h))
+    n_zero = triton.cdiv(num_rows, zero_block)
+    grid = n_zero + num_tokens
+    if grid == 0:
+        return grad_permuted, grad_probs
+    _unpermute_bwd_kernel[(grid,)](
+        grad_out, grad_out.stride(0), rid, grad_permuted if merging_probs is None else merging_probs.contiguous(),
+        used, permuted, permuted.stride(0), grad_permuted, grad_permuted.stride(0),
+        grad_permuted if grad_probs is None else grad_probs,
+        topk, hidden, num_rows, n_zero,
+        HAS_PROBS=merging_probs is not None, PROBS_GRAD=probs_grad, BLOCK_K=block_k, BLOCK_H=block_h,
+        ZB=zero_block, ZR=min(zero_rows, zero_block), num_warps=num_warps,
+    )
+    return grad_permuted, grad_probs
