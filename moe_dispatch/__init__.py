@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from .dispatchers.all_to_all import AllToAllTokenDispatcher
 from .dispatchers.deepep import FusedTokenRouter
+from .dispatchers.nvlink import NVLinkTokenDispatcher
 from .experts import SwiGLUExperts
 from .moe import MoELayer, MoEOutput
 from .permute import count_tokens_per_expert, permute, permute_with_probs, unpermute
@@ -22,7 +23,7 @@ from .routing import TopKRouter
 __version__ = "0.1.0"
 
 __all__ = [
-    "TokenDispatcher", "DispatchOutput", "AllToAllTokenDispatcher", "FusedTokenRouter", "TopKRouter",
+    "TokenDispatcher", "DispatchOutput", "AllToAllTokenDispatcher", "NVLinkTokenDispatcher", "FusedTokenRouter", "TopKRouter",
     "permute", "unpermute", "permute_with_probs", "count_tokens_per_expert",
     "SwiGLUExperts", "MoELayer", "MoEOutput",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_dispatch import AllToAllTokenDispatcher
+from moe_dispatch import AllToAllTokenDispatcher, NVLinkTokenDispatcher
 from moe_dispatch.permute import resolve_backend
 
 
@@ -38,4 +38,11 @@ def dispatcher_params(device: torch.device | str = "cpu") -> list:
         params.append(pytest.param(_all_to_all("triton"), id="all_to_all-triton"))
     if device.type == "cuda" and _runs_here("te", device):
         params.append(pytest.param(_all_to_all("te"), id="all_to_all-te"))
+    if _runs_here("triton", device):  # the NVLink dispatcher's kernels are Triton (interpreted on CPU)
+        params.append(pytest.param(_nvlink, id="nvlink"))
     return params
+
+
+def _nvlink(config):
+    experts = config.num_local_experts
+    return NVLinkTokenDispatcher(experts, experts, config.hidden_size, 1)
