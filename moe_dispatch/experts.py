@@ -29,6 +29,10 @@ loop        one ``F.linear`` pair per expert (the reference)     any device and 
 
 ``"auto"`` picks ``grouped_mm`` on CUDA for bf16 inputs when it can run there, else ``loop``
 (decided per call from the input). This module imports nothing else of the package.
+
+Expert parallelism may turn both stacked weights into DTensor parameters (``Shard(0)`` over the
+EP mesh, see ``moe_dispatch.models.mixtral.parallel``); every backend then computes on the local
+shard (``to_local()``, differentiable: the gradient comes back as a ``Shard(0)`` DTensor).
 """
 from __future__ import annotations
 
@@ -87,6 +91,12 @@ def resolve_expert_backend(backend: str, x: torch.Tensor, hidden_size: int, inte
         if why is not None:
             raise ValueError(f"expert backend 'grouped_mm' cannot run here: {why}")
     return backend
+
+
+def _local_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The local ``[L, ...]`` shard of a DTensor weight (differentiable), else ``weight`` itself."""
+    to_local = getattr(weight, "to_local", None)  # DTensor, without importing torch.distributed here
+    return to_local() if to_local is not None else weight
 
 
 def _te_quantization_enabled() -> bool:
@@ -219,22 +229,23 @@ class SwiGLUExperts(nn.Module):
         if x_RH.shape[0] == 0:
             return x_RH.new_empty(0, self.hidden_size)
         offsets_L = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)  # end row of each expert, no sync
-        w_gate_up = self.experts_gate_up_weight.to(x_RH.dtype)
-        w_down = self.experts_down_weight.to(x_RH.dtype)
+        w_gate_up = _local_weight(self.experts_gate_up_weight).to(x_RH.dtype)
+        w_down = _local_weight(self.experts_down_weight).to(x_RH.dtype)
         gate_up_R2I = torch._grouped_mm(x_RH, w_gate_up.transpose(-2, -1), offs=offsets_L)
         gate_RI, up_RI = gate_up_R2I.chunk(2, dim=-1)
         return torch._grouped_mm(F.silu(gate_RI) * up_RI, w_down.transpose(-2, -1), offs=offsets_L)
 
     def _forward_te(self, x_RH: torch.Tensor, counts: list[int]) -> torch.Tensor:
         used = sum(counts)
-        out_RH = self.te_grouped(x_RH[:used], counts, self.experts_gate_up_weight, self.experts_down_weight)
+        out_RH = self.te_grouped(x_RH[:used], counts, _local_weight(self.experts_gate_up_weight),
+                                 _local_weight(self.experts_down_weight))
         if used < x_RH.shape[0]:
             out_RH = torch.cat([out_RH, out_RH.new_zeros(x_RH.shape[0] - used, self.hidden_size)])
         return out_RH
 
     def _forward_loop(self, x_RH: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        w_gate_up = self.experts_gate_up_weight.to(x_RH.dtype)
-        w_down = self.experts_down_weight.to(x_RH.dtype)
+        w_gate_up = _local_weight(self.experts_gate_up_weight).to(x_RH.dtype)
+        w_down = _local_weight(self.experts_down_weight).to(x_RH.dtype)
         outputs, start = [], 0
         for expert, count in enumerate(counts):
             # Experts with no rows still run (on 0 rows) so every weight is in the graph.

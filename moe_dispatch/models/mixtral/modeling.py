@@ -17,6 +17,10 @@ Parameter layout (per layer ``i``; the expert weights hold only this EP rank's
     model.layers.i.mlp.router.gate.weight                 [E, H]        fp32 always
     model.layers.i.mlp.experts.experts_gate_up_weight     [E/P, 2I, H]  gate rows, then up rows
     model.layers.i.mlp.experts.experts_down_weight        [E/P, H, I]
+
+With ``expert_parallel_size = P > 1`` call ``model.set_ep_groups(...)`` on every rank: the two
+expert weights become DTensor ``Shard(0)`` parameters (global ``[E, ...]``) and the gradient
+convention of :mod:`.parallel` applies (``finalize_ep_gradients`` after backward).
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ from moe_dispatch.moe import MoELayer, MoEOutput
 from .attention import (AttentionInputs, NVMixtralAttention, NVMixtralRMSNorm, NVMixtralRotaryEmbedding,
                         packed_position_ids, resolve_attn_backend)
 from .config import NVMixtralConfig
+from .parallel import EPState, set_ep_groups, slice_full_expert_weights
 
 try:  # transformers' init helpers skip parameters that from_pretrained already loaded
     from transformers import initialization as _init
@@ -201,7 +206,23 @@ class NVMixtralModel(NVMixtralPreTrainedModel):
         self.norm = NVMixtralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = NVMixtralRotaryEmbedding(config)
         self.gradient_checkpointing = False
+        self.ep_state = EPState(config.num_local_experts, config.expert_parallel_size)
+        if config.expert_parallel_size > 1:  # a full (EP=1) state dict loads as this rank's slice
+            self.register_load_state_dict_pre_hook(slice_full_expert_weights)
         self.post_init()
+
+    def set_ep_groups(self, ep_group=None, ep_mesh=None, *, router_group=None) -> None:
+        """Bind to the EP group: the dispatcher exchanges tokens over ``ep_group``, every router
+        sums its load-balancing statistics over it (or ``router_group``), and each layer's expert
+        weights become DTensor ``Shard(0)`` parameters on ``ep_mesh`` (E // P local experts each).
+
+        Call on every rank, after moving the model to its device, before ``fully_shard`` and
+        before building the optimizer. Gradients then need
+        :func:`~moe_dispatch.models.mixtral.finalize_ep_gradients` after backward (the gradient
+        convention is in :mod:`moe_dispatch.models.mixtral.parallel`).
+        See :func:`moe_dispatch.models.mixtral.parallel.set_ep_groups` for the arguments.
+        """
+        set_ep_groups(self, ep_group, ep_mesh, router_group=router_group)
 
     def _build_layer(self, config: NVMixtralConfig, layer_idx: int) -> NVMixtralDecoderLayer:
         precision, recipe = self.layer_recipes[layer_idx]
@@ -357,6 +378,10 @@ class NVMixtralForCausalLM(NVMixtralPreTrainedModel, GenerationMixin):
     def dispatcher(self) -> TokenDispatcher:
         """The dispatcher every MoE layer uses."""
         return self.model.dispatcher
+
+    def set_ep_groups(self, ep_group=None, ep_mesh=None, *, router_group=None) -> None:
+        """:meth:`NVMixtralModel.set_ep_groups` of ``self.model``."""
+        self.model.set_ep_groups(ep_group, ep_mesh, router_group=router_group)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
