@@ -45,7 +45,12 @@ run_bench() {
 }
 run_layer() { step layer 150 python3 benchmarks/bench_mixtral_layer.py --json "$OUT/layer.json"; tail -n 15 "$OUT/layer.log"; }
 run_permute_bench() { step permute_bench 150 python3 benchmarks/bench_permute.py --json "$OUT/permute_bench.json"; tail -n 20 "$OUT/permute_bench.log"; }
-run_nvlink_bench() { [ "$NGPU" -ge 2 ] && { step nvlink_bench 200 torchrun --standalone --nproc-per-node 2 benchmarks/bench_nvlink.py --json "$OUT/nvlink_bench.json"; tail -n 25 "$OUT/nvlink_bench.log"; }; }
+run_nvlink_bench() { [ "$NGPU" -ge 2 ] && { step nvlink_bench 240 torchrun --standalone --nproc-per-node 2 benchmarks/bench_nvlink.py --json "$OUT/nvlink_bench.json" ${NVLINK_BENCH_ARGS:-}; tail -n 30 "$OUT/nvlink_bench.log"; }; }
 
 steps=${*:-info core permute models deepep nvlink ep bench layer permute_bench nvlink_bench}
 for s in $steps; do "run_$s"; done
+
+# The device tool returns at most 8 files: pack every log and JSON into one archive.
+if [ -n "${PACK_LOGS:-1}" ] && [ "$OUT" != "gpu_logs" ]; then
+  tar czf "$OUT/logs_$(date +%H%M%S).tgz" -C "$OUT" $(cd "$OUT" && ls *.log *.json 2>/dev/null) && (cd "$OUT" && rm -f *.log *.json)
+fi
