@@ -186,12 +186,11 @@ class AllToAllTokenDispatcher:
         """-> ``(counts [P, E] on the collective device, the same on the host)``; raises on
         every rank if any rank passed bad expert ids or a different hidden size / dtype."""
         counts = count_tokens_per_expert(selected_experts, self.num_experts)
-        meta = torch.stack([
-            expert_ids_out_of_range(selected_experts, self.num_experts),
-            torch.tensor(hidden_states.shape[1], device=counts.device),
-            torch.tensor(DTYPE_CODES[hidden_states.dtype], device=counts.device),
-        ])
-        row = torch.cat([counts, meta])
+        # Hidden size and dtype ride along so every rank can check them; torch.full is a fill
+        # kernel, where torch.tensor(int, device=cuda) would be a blocking host-to-device copy.
+        shape_and_dtype = torch.full((2,), hidden_states.shape[1], dtype=torch.int64, device=counts.device)
+        shape_and_dtype[1:] = DTYPE_CODES[hidden_states.dtype]
+        row = torch.cat([counts, expert_ids_out_of_range(selected_experts, self.num_experts).view(1), shape_and_dtype])
         if self._group is None:
             table = row.unsqueeze(0)
         else:

@@ -62,7 +62,9 @@ def count_tokens_per_expert(selected_experts: torch.Tensor, num_experts: int) ->
     No host sync."""
     flat = selected_experts.reshape(-1).long()
     key = torch.where(flat >= 0, flat, num_experts)
-    return torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    # scatter_add, not bincount: CUDA bincount syncs with the host to size its output.
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+    return counts.scatter_add_(0, key, torch.ones_like(key))[:num_experts]
 
 
 def _check_permute_args(tokens, selected_experts, num_experts, probs, align_size, num_out_rows):

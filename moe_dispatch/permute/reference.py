@@ -44,7 +44,7 @@ def make_row_id_map(
     flat = selected_experts.reshape(-1).long()
     valid = flat >= 0
     key = torch.where(valid, flat, torch.full_like(flat, num_experts))  # dropped slots sort last
-    counts = torch.bincount(key, minlength=num_experts + 1)[: num_experts + 1]
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device).scatter_add_(0, key, torch.ones_like(key))
     padded = (counts + align_size - 1) // align_size * align_size
     padded[num_experts] = 0
     starts = _exclusive_cumsum(counts)
