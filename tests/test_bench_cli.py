@@ -9,10 +9,11 @@ import pytest
 
 
 @pytest.mark.distributed
-def test_bench_cli_cpu_table_and_json(tmp_path):
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_bench_cli_cpu_table_and_json(tmp_path, nproc):
     out_json = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "moe_dispatch.bench", "--cpu", "--nproc", "2", "--tokens", "0", "64",
+        [sys.executable, "-m", "moe_dispatch.bench", "--cpu", "--nproc", str(nproc), "--tokens", "0", "64",
          "--hidden", "32", "--experts", "8", "4", "--topk", "2", "4", "--iters", "2", "--warmup", "1",
          "--out", str(out_json)],
         capture_output=True, text=True, timeout=300)
@@ -20,7 +21,7 @@ def test_bench_cli_cpu_table_and_json(tmp_path):
     assert "limit = CPU memcpy" in proc.stdout and "all_to_all+torch" in proc.stdout
     result = json.loads(out_json.read_text())
     assert len(result["rows"]) == 4
-    assert all(r["us_dispatch"] > 0 for r in result["rows"])
+    assert all(r["us_dispatch"] > 0 and r["nproc"] == nproc for r in result["rows"])
 
 
 def test_bench_cli_rejects_unknown_backend():
