@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 
 import torch
@@ -33,18 +32,9 @@ import torch
 
 def median_ms(fn, warmup: int, iters: int) -> float:
     """Median wall time of ``fn()`` on the current stream, CUDA events, in ms."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    from moe_dispatch.bench.limits import time_cuda
+
+    return time_cuda(fn, warmup=warmup, iters=iters)
 
 
 def matmul_tflops(warmup: int, iters: int, n: int = 8192) -> float:
