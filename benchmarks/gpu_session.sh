@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/gpu_session.sh [STEP ...]      # default: all steps, in this order
 #
-# Steps: info core permute models deepep nvlink ep bench layer permute_bench nvlink_bench
+# Steps: info core permute models deepep nvlink ep bench layer permute_bench nvlink_bench host
 # TransformerEngine / DeepEP are used when importable (see ../shared/DEVICE.md and
 # install_hybridep.sh); the steps that need them say so and skip otherwise.
 set -uo pipefail
@@ -45,6 +45,7 @@ run_bench() {
 }
 run_layer() { step layer 150 python3 benchmarks/bench_mixtral_layer.py --json "$OUT/layer.json"; tail -n 15 "$OUT/layer.log"; }
 run_permute_bench() { step permute_bench 150 python3 benchmarks/bench_permute.py --json "$OUT/permute_bench.json"; tail -n 20 "$OUT/permute_bench.log"; }
+run_host() { step host 120 python3 benchmarks/host_overhead.py; tail -n 12 "$OUT/host.log"; }
 run_nvlink_bench() { [ "$NGPU" -ge 2 ] && { step nvlink_bench 240 torchrun --standalone --nproc-per-node 2 benchmarks/bench_nvlink.py --json "$OUT/nvlink_bench.json" ${NVLINK_BENCH_ARGS:-}; tail -n 30 "$OUT/nvlink_bench.log"; }; }
 
 steps=${*:-info core permute models deepep nvlink ep bench layer permute_bench nvlink_bench}

@@ -35,11 +35,21 @@ REPO = Path(__file__).resolve().parents[1]
 def make_fake_deep_ep() -> types.ModuleType:
     """A fresh ``deep_ep`` stand-in with DeepEP V1 normal-mode semantics, moving tokens with
     gloo object all-gathers (CPU; one rank or several). It checks the preconditions DeepEP v1.2.1
-    asserts (dtypes, contiguity, 16-byte rows, bf16-only combine, explicit configs) and logs
-    every call. Semantics modelled on v1.2.1's intranode kernels: a token goes once to each rank
-    holding one of its experts, with ids rewritten to that rank's local ids (-1 elsewhere) and
-    weights zeroed at -1 slots; received tokens are ordered by (source rank, source token);
-    combine sums (no weights) the rows sent back for each token, in fp32, output in bf16."""
+    asserts (dtypes, contiguity, 16-byte rows, bf16-only combine, explicit configs, rows that fit
+    the NVLink buffer) and logs every call. Semantics modelled on v1.2.1's intranode kernels: a
+    token goes once to each rank holding one of its experts, with ids rewritten to that rank's
+    local ids (-1 elsewhere) and weights zeroed at -1 slots; received tokens are ordered by
+    (source rank, source token); combine sums (no weights) the rows sent back for each token, in
+    fp32, output in bf16; the handle does not fix the row width, so combine (and cached dispatch)
+    may move rows of another width than the dispatch did.
+
+    Combine also refuses rows that are not a whole number of 32 16-byte vectors (bf16: hidden not
+    a multiple of 256): v1.2.1's intranode combine kernel runs three full-warp ``__syncwarp()``
+    inside ``for (int i = lane_id; i < hidden_int4; i += 32)`` (csrc/kernels/intranode.cu, the
+    receiver's TMA-store loop), so for such rows part of the warp skips them - undefined
+    behaviour that silently and nondeterministically corrupts combined rows on H100/H200 (fixed
+    upstream only after v1.2.1, DeepEP PR #413). The real kernel does not raise; the fake does,
+    so the CPU tests catch a router that hands DeepEP such rows."""
 
     class Config:
         def __init__(self, num_sms=20, nvl_send=6, nvl_recv=256, rdma_send=6, rdma_recv=256):
@@ -85,6 +95,13 @@ def make_fake_deep_ep() -> types.ModuleType:
             assert not self.destroyed, "buffer used after destroy()"
             assert config is not None and config.num_sms % 2 == 0
 
+        def _check_fits(self, x, config):
+            # deep_ep.cpp intranode_dispatch / intranode_combine: EP_HOST_ASSERT that the channel
+            # data buffers (plus metadata, not modelled) fit num_nvl_bytes.
+            data_bytes = (config.num_sms // 2) * self.group_size * config.nvl_recv * x.shape[1] * x.element_size()
+            assert data_bytes <= self.num_nvl_bytes, (
+                f"rows of {x.shape[1] * x.element_size()} bytes do not fit the {self.num_nvl_bytes}-byte NVL buffer")
+
         def _exchange(self, payloads):
             """``payloads[r]`` goes to rank r; returns what each rank sent here, by source rank."""
             everything = [None] * self.group_size
@@ -108,6 +125,7 @@ def make_fake_deep_ep() -> types.ModuleType:
                      async_finish=False, allocate_on_comm_stream=False):
             self._alive(config)
             assert x.dim() == 2 and x.is_contiguous() and (x.shape[1] * x.element_size()) % 16 == 0
+            self._check_fits(x, config)
             if handle is not None:  # cached mode: the backward of combine
                 assert topk_idx is None and topk_weights is None
                 Buffer.log.append(("dispatch_cached",))
@@ -141,7 +159,13 @@ def make_fake_deep_ep() -> types.ModuleType:
             self._alive(config)
             assert x.dtype == torch.bfloat16, "Unsupported type"  # SWITCH_TYPES: bf16 only
             assert x.dim() == 2 and x.is_contiguous()
-            Buffer.log.append(("combine", topk_weights is not None))
+            assert (x.shape[1] * x.element_size()) % 16 == 0
+            hidden_int4 = x.shape[1] * x.element_size() // 16
+            assert hidden_int4 % 32 == 0, (
+                f"DeepEP v1.2.1 intranode combine of rows of {hidden_int4} 16-byte vectors (not a multiple of 32): "
+                f"partial-warp __syncwarp() in the receiver's TMA-store loop silently corrupts the output")
+            self._check_fits(x, config)
+            Buffer.log.append(("combine", topk_weights is not None, x.shape[1]))
             send_idx, recv_counts, num_tokens = handle
             assert x.shape[0] == sum(recv_counts)
             if topk_weights is not None:
@@ -305,6 +329,49 @@ def test_weight_gradient_reaches_only_chosen_slots(fake_deep_ep, one_rank_group)
     router.close()
 
 
+def test_fake_combine_refuses_partial_warp_rows(fake_deep_ep, one_rank_group):
+    """The fake models DeepEP v1.2.1's intranode combine, which is only correct for rows of whole
+    warps of 16-byte vectors (bf16 hidden % 256 == 0); other widths corrupt its output."""
+    Buffer = fake_deep_ep.Buffer
+    config = Buffer.get_combine_config(1)
+    buffer = Buffer(one_rank_group, config.get_nvl_buffer_size_hint(3072 * 2, 1), 0, explicitly_destroy=True)
+    se = torch.tensor([[0], [1], [0]])
+    layout = buffer.get_dispatch_layout(se, 2)
+    for hidden in (64, 128, 2880):
+        x = torch.randn(3, hidden, dtype=torch.bfloat16)
+        recv_x, _, _, _, handle, _ = buffer.dispatch(
+            x, topk_idx=se, topk_weights=torch.ones(3, 1), num_tokens_per_rank=layout[0],
+            is_token_in_rank=layout[3], num_tokens_per_expert=layout[2], config=Buffer.get_dispatch_config(1))
+        with pytest.raises(AssertionError, match="v1.2.1 intranode combine"):
+            buffer.combine(recv_x, handle, config=config)
+        wide = torch.nn.functional.pad(recv_x, (0, -hidden % 256))  # the handle does not fix the width
+        combined, _, _ = buffer.combine(wide, handle, config=config)
+        torch.testing.assert_close(combined[:, :hidden], x)
+    buffer.destroy()
+
+
+@pytest.mark.parametrize("hidden,width", [(16, 256), (48, 256), (256, 256), (272, 512), (2880, 3072)])
+def test_combine_moves_rows_padded_to_whole_warps(fake_deep_ep, one_rank_group, hidden, width):
+    """Every DeepEP combine (forward, and the backward of dispatch) moves rows padded to a
+    multiple of 256; dispatch rows (and the cached dispatch of combine's backward) keep H."""
+    torch.manual_seed(hidden)
+    router = FusedTokenRouter(4, 4, hidden, 1)
+    router.set_ep_group(one_rank_group)
+    x = torch.randn(7, hidden, dtype=torch.bfloat16, requires_grad=True)
+    se = torch.tensor([[0, 1], [2, -1], [3, 0], [-1, -1], [1, 2], [3, -1], [0, 3]])
+    w = torch.rand(7, 2, requires_grad=True)
+    out = router.dispatch(x, se, w)
+    y = router.combine(out.expert_input, out.handle)
+    assert y.shape == (7, hidden) and y.dtype == torch.bfloat16 and y.is_contiguous()
+    expected = ((w.detach() * (se >= 0)).sum(1, keepdim=True) * x.detach().double()).to(torch.bfloat16)
+    torch.testing.assert_close(y, expected, rtol=1e-2, atol=1e-2)
+    y.float().sum().backward()
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape
+    combines = [e for e in fake_deep_ep.Buffer.log if e[0] == "combine"]
+    assert [(e[1], e[2]) for e in combines] == [(False, width), (True, width)]
+    router.close()
+
+
 def test_checks_run_before_any_collective(fake_deep_ep, one_rank_group):
     router = FusedTokenRouter(4, 4, 16, 1)
     router.set_ep_group(one_rank_group)
@@ -341,7 +408,8 @@ def test_buffer_lifecycle(fake_deep_ep, one_rank_group):
     router.set_ep_group(one_rank_group)
     router.set_ep_group(one_rank_group)  # same group: keep the buffer
     assert [e[0] for e in log] == ["init"]
-    assert log[0][1] == max(10 * 1 * 256 * 32, 10 * 1 * 256 * 32)  # sized by the configs' hints
+    # Sized by the configs' hints: dispatch for 16 bf16 (32 B) rows, combine for rows padded to 256 (512 B).
+    assert log[0][1] == max(10 * 1 * 256 * 32, 10 * 1 * 256 * 512)
     x = torch.randn(3, 16, dtype=torch.bfloat16)
     out = router.dispatch(x, torch.tensor([[0, 1], [2, -1], [3, 0]]), torch.rand(3, 2))
     assert isinstance(out.handle, FusedRouterHandle)

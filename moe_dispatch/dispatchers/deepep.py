@@ -20,6 +20,18 @@ token's local experts, i.e. the weights are applied on the receiving rank), then
 the token exchange is its dual (DeepEP combine with the cached handle, and DeepEP dispatch with
 ``handle=``), written as two ``torch.autograd.Function``.
 
+Combine row width. DeepEP v1.2.1's intranode combine kernel (``csrc/kernels/intranode.cu``, the
+receiver's ``for (int i = lane_id; i < hidden_int4; i += 32)`` loop) stages each output row
+through shared memory for a TMA store with three full-warp ``__syncwarp()`` inside that loop; when
+a row is not a whole number of 32 16-byte vectors (bf16: ``hidden % 256 != 0``) the last pass runs
+on part of the warp only, which is undefined behaviour and on H100/H200 silently corrupts rows of
+the combined output, nondeterministically (DeepEP fixed it after v1.2.1, upstream PR #413). So
+every DeepEP combine here (the forward combine and the backward of dispatch) moves rows zero-padded
+to a multiple of 256 elements (``_COMBINE_ALIGN``) and slices the padding off the result; nothing
+in DeepEP's handle depends on the row width, and the dispatch kernels are not affected, so
+dispatch rows keep their own width. Hidden sizes that are multiples of 256 (most models) pay
+nothing.
+
 Row order. DeepEP's intranode dispatch (v1.2.1 ``csrc/kernels/intranode.cu``) writes the tokens
 from source rank ``s`` at offset ``rank_prefix_matrix[s - 1][this rank]``, i.e. grouped by source
 rank in rank order; within a source rank, channel ``c`` handles the contiguous source-token range
@@ -71,6 +83,14 @@ _MAX_LOCAL_EXPERTS = 128  # notify_dispatch: num_experts / num_ranks <= 128 thre
 _ROW_ALIGN = 16  # SM90 TMA copy moves each row in two halves of whole 16-byte vectors
 _MAX_ROW_BYTES = 2 * (8192 - 8)  # each half + an 8-byte mbarrier must fit 8 KiB of shared memory
 _TRANSPORT_DTYPE = torch.bfloat16  # DeepEP's intranode combine reduces bf16 only
+# DeepEP v1.2.1's intranode combine is correct only for rows of whole warps of 16-byte vectors
+# (32 x 16 B = 256 bf16): see "Combine row width" above. Combine rows are zero-padded to this.
+_COMBINE_ALIGN = 32 * 16 // _TRANSPORT_DTYPE.itemsize
+
+
+def _combine_width(hidden_size: int) -> int:
+    """Row width (elements) of the rows DeepEP combines for ``hidden_size``."""
+    return -(-hidden_size // _COMBINE_ALIGN) * _COMBINE_ALIGN
 
 
 def _import_deep_ep():
@@ -108,6 +128,26 @@ class _DeepEPComm:
     group: Any
     hidden_bytes: int
     num_sms: int
+    combine_hidden: int  # row width DeepEP combines (hidden size padded to _COMBINE_ALIGN)
+
+
+def _deepep_combine(comm: _DeepEPComm, x: torch.Tensor, deepep_handle, topk_weights=None):
+    """DeepEP combine of ``x [R_tok, H]`` (received order) -> ``([N, H] bf16, summed weights or
+    None)``, moving rows zero-padded to ``comm.combine_hidden`` (see "Combine row width")."""
+    num_rows, hidden = x.shape
+    width = comm.combine_hidden
+    if width == hidden:
+        x = x.to(_TRANSPORT_DTYPE).contiguous()
+    else:
+        padded = torch.empty((num_rows, width), dtype=_TRANSPORT_DTYPE, device=x.device)
+        padded[:, hidden:].zero_()
+        padded[:, :hidden].copy_(x)
+        x = padded
+    combined, combined_weights, _ = comm.buffer.combine(
+        x, deepep_handle, topk_weights=topk_weights, config=comm.combine_config)
+    if width != hidden:
+        combined = combined[:, :hidden].contiguous()
+    return combined, combined_weights
 
 
 @dataclass(frozen=True)
@@ -164,26 +204,26 @@ class _DeepEPDispatch(torch.autograd.Function):
             # A -1 slot's received weight is the constant 0 DeepEP wrote, not the sender's
             # weight: its gradient must not reach the sender, where combine sums over ranks.
             grad_w = grad_recv_w.float().masked_fill(recv_idx < 0, 0.0).contiguous()
-        grad_x, grad_w_sum, _ = ctx.comm.buffer.combine(
-            grad_recv_x.contiguous(), ctx.deepep_handle, topk_weights=grad_w, config=ctx.comm.combine_config)
+        grad_x, grad_w_sum = _deepep_combine(ctx.comm, grad_recv_x, ctx.deepep_handle, topk_weights=grad_w)
         return grad_x, grad_w_sum, None, None, None
 
 
 class _DeepEPCombine(torch.autograd.Function):
-    """Received per-token partial sums ``[R_tok, H]`` bf16 -> ``[N, H]`` summed over ranks.
-    Backward: DeepEP dispatch of the gradient with the cached handle."""
+    """Received per-token partial sums ``[R_tok, H]`` (any float dtype, sent as bf16) ->
+    ``[N, H]`` bf16 summed over ranks (through rows padded to ``comm.combine_hidden``).
+    Backward: DeepEP dispatch of the gradient (``[N, H]``, unpadded) with the cached handle."""
 
     @staticmethod
     def forward(ctx, partial, comm: _DeepEPComm, deepep_handle):
-        combined, _, _ = comm.buffer.combine(partial, deepep_handle, config=comm.combine_config)
-        ctx.comm, ctx.deepep_handle = comm, deepep_handle
+        combined, _ = _deepep_combine(comm, partial, deepep_handle)
+        ctx.comm, ctx.deepep_handle, ctx.partial_dtype = comm, deepep_handle, partial.dtype
         return combined
 
     @staticmethod
     def backward(ctx, grad_combined):
         grad_partial, *_ = ctx.comm.buffer.dispatch(
-            grad_combined.contiguous(), handle=ctx.deepep_handle, config=ctx.comm.dispatch_config)
-        return grad_partial, None, None
+            grad_combined.to(_TRANSPORT_DTYPE).contiguous(), handle=ctx.deepep_handle, config=ctx.comm.dispatch_config)
+        return grad_partial.to(ctx.partial_dtype), None, None
 
 
 _MAX_NVL_PEERS = 8  # DeepEP's NUM_MAX_NVL_PEERS: ranks of one NVLink domain
@@ -196,7 +236,9 @@ class FusedTokenRouter:
         num_experts: E, global.
         num_local_experts: L = E / ep_size (at most 128: DeepEP's intranode limit).
         hidden_size: H; a multiple of 16 and at most 8176 (DeepEP v1.2.1 SM90 kernels: rows are
-            copied through 8 KiB of shared memory per half in 16-byte vectors).
+            copied through 8 KiB of shared memory per half in 16-byte vectors). Combines move
+            rows zero-padded to a multiple of 256 (a DeepEP v1.2.1 combine bug, see the module
+            docstring), so other sizes cost up to 255 extra columns there.
         ep_size: P, ranks of the EP group. DeepEP runs 2, 4 or 8 ranks within a node (more
             across nodes when built with NVSHMEM); ``ep_size=1`` with ``set_ep_group(None)``
             runs locally, without DeepEP.
@@ -335,7 +377,7 @@ class FusedTokenRouter:
         partial = _permute_module(backend).unpermute(expert_output, handle.row_id_map, handle.recv_topk_weights)
         if handle.comm is None:
             return partial.to(handle.hidden_dtype)
-        partial = partial.to(_TRANSPORT_DTYPE).contiguous()
+        # _DeepEPCombine casts to bf16 (and pads, where needed) in one copy.
         return _DeepEPCombine.apply(partial, handle.comm, handle.deepep_handle).to(handle.hidden_dtype)
 
     # --- extras -------------------------------------------------------------------------------
@@ -367,15 +409,20 @@ class FusedTokenRouter:
             combine_config = buffer_cls.get_combine_config(num_ranks)
         finally:
             buffer_cls.set_num_sms(previous)
-        num_nvl_bytes = max(c.get_nvl_buffer_size_hint(hidden_bytes, num_ranks) for c in (dispatch_config, combine_config))
+        # Combine moves rows padded to a multiple of _COMBINE_ALIGN: size its share for those.
+        combine_hidden = _combine_width(self.hidden_size)
+        combine_bytes = combine_hidden * _TRANSPORT_DTYPE.itemsize
+        sizes = ((dispatch_config, hidden_bytes), (combine_config, combine_bytes))
+        num_nvl_bytes = max(c.get_nvl_buffer_size_hint(nbytes, num_ranks) for c, nbytes in sizes)
         # Intranode (<= 8 NVLink peers) needs no RDMA buffer; asking an NVSHMEM-less build for
         # its RDMA size hint is a host assertion inside DeepEP, so don't.
         num_rdma_bytes = 0
         if num_ranks > _MAX_NVL_PEERS:
-            num_rdma_bytes = max(c.get_rdma_buffer_size_hint(hidden_bytes, num_ranks) for c in (dispatch_config, combine_config))
+            num_rdma_bytes = max(c.get_rdma_buffer_size_hint(nbytes, num_ranks) for c, nbytes in sizes)
         buffer = buffer_cls(group, num_nvl_bytes, num_rdma_bytes, explicitly_destroy=True)
         return _DeepEPComm(buffer=buffer, dispatch_config=dispatch_config, combine_config=combine_config,
-                           group=group, hidden_bytes=hidden_bytes, num_sms=self.num_sms)
+                           group=group, hidden_bytes=hidden_bytes, num_sms=self.num_sms,
+                           combine_hidden=combine_hidden)
 
     def _exchange_tokens(self, comm, hidden_states, selected_experts, routing_weights):
         """-> ``(recv_x [R_tok, H], recv_w fp32 [R_tok, K], recv_idx int64 [R_tok, K] local ids,
