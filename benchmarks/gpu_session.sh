@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/gpu_session.sh [STEP ...]      # default: all steps, in this order
 #
-# Steps: info core permute models deepep nvlink ep bench layer permute_bench nvlink_bench host
+# Steps: info core permute models deepep nvlink modeldisp ep bench layer permute_bench nvlink_bench host
 # TransformerEngine / DeepEP are used when importable (see ../shared/DEVICE.md and
 # install_hybridep.sh); the steps that need them say so and skip otherwise.
 set -uo pipefail
@@ -38,6 +38,7 @@ run_deepep() {
   [ "$NGPU" -ge 2 ] && step deepep 150 torchrun --standalone --nproc-per-node 2 tests/distributed/deepep_equivalence.py
 }
 run_nvlink() { [ "$NGPU" -ge 2 ] && step nvlink 200 torchrun --standalone --nproc-per-node 2 tests/distributed/nvlink_equivalence.py; }
+run_modeldisp() { [ "$NGPU" -ge 2 ] && step modeldisp 200 torchrun --standalone --nproc-per-node 2 tests/distributed/model_dispatchers_equivalence.py; }
 run_ep() { [ "$NGPU" -ge 2 ] && step ep 200 torchrun --standalone --nproc-per-node "$NGPU" tests/distributed/mixtral_ep_equivalence.py; }
 run_bench() {
   step bench 240 python3 -m moe_dispatch.bench --nproc 2 --out "$OUT/bench.json" ${BENCH_ARGS:-}
@@ -48,7 +49,7 @@ run_permute_bench() { step permute_bench 150 python3 benchmarks/bench_permute.py
 run_host() { step host 120 python3 benchmarks/host_overhead.py; tail -n 12 "$OUT/host.log"; }
 run_nvlink_bench() { [ "$NGPU" -ge 2 ] && { step nvlink_bench 240 torchrun --standalone --nproc-per-node 2 benchmarks/bench_nvlink.py --json "$OUT/nvlink_bench.json" ${NVLINK_BENCH_ARGS:-}; tail -n 30 "$OUT/nvlink_bench.log"; }; }
 
-steps=${*:-info core permute models deepep nvlink ep bench layer permute_bench nvlink_bench}
+steps=${*:-info core permute models deepep nvlink modeldisp ep bench layer permute_bench nvlink_bench}
 for s in $steps; do "run_$s"; done
 
 # The device tool returns at most 8 files: pack every log and JSON into one archive.

@@ -23,3 +23,13 @@ def run_torchrun(script: str, nproc: int = 2, timeout: int = 600) -> str:
 def test_all_to_all_nccl_equivalence():
     out = run_torchrun("tests/distributed/all_to_all_equivalence.py")
     assert "all_to_all_equivalence: PASS" in out
+
+
+@pytest.mark.multi_gpu
+def test_nvlink_equivalence():
+    assert "NVLINK EQUIVALENCE: PASS" in run_torchrun("tests/distributed/nvlink_equivalence.py")
+
+
+@pytest.mark.multi_gpu
+def test_model_with_every_dispatcher():
+    assert "model_dispatchers_equivalence: PASS" in run_torchrun("tests/distributed/model_dispatchers_equivalence.py")
