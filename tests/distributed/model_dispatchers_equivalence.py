@@ -6,7 +6,11 @@ dispatcher the library has (AllToAll on NCCL, NVLink, DeepEP's FusedTokenRouter 
 
 Same weights (one EP=1 state dict loaded slice by slice), same per-rank batches, bf16; each
 dispatcher is compared with AllToAllTokenDispatcher: relative error ``||a-b|| / ||b|| < 1e-2``
-for logits, loss and every gradient (expert gradients gathered with ``full_tensor()``).
+for logits, loss and every gradient (expert gradients gathered with ``full_tensor()``), on a
+one-layer model. With more layers the comparison is reported, not asserted: NVLink and DeepEP
+send bf16 partial sums (one extra rounding), so a later layer's router input differs by an ulp
+and near-tie top-k choices can flip, changing which expert a token sees (the count of tokens
+whose routing differs is printed).
 Rank 0 prints one PASS/FAIL/SKIP line per dispatcher and a summary; exit code 1 on failure.
 """
 from __future__ import annotations
@@ -52,6 +56,8 @@ def run(name, fields, full_state, ids, labels, mesh, device):
     grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).float()
              for n, p in model.named_parameters() if p.grad is not None}
     result = {"logits": out.logits.detach().float(), "loss": out.loss.detach().float().view(1), **grads}
+    from moe_dispatch.models.mixtral import gather_tokens_per_expert
+    result["_tokens_per_expert"] = gather_tokens_per_expert(model).float()
     close = getattr(dispatcher, "close", None)
     if close:
         close()
@@ -75,14 +81,24 @@ def main() -> int:
         device = torch.device("cpu")
         dist.init_process_group("gloo", timeout=timedelta(seconds=300))
     mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("ep",))
-    fields = gpu_fields(world)
+    failures = 0
+    for layers in (1, 2):
+        failures += compare_all(layers, rank, world, mesh, device, on_gpu)
+    if rank == 0:
+        print(f"model_dispatchers_equivalence: {'FAIL' if failures else 'PASS'}", flush=True)
+    dist.destroy_process_group()
+    return 1 if failures else 0
+
+
+def compare_all(layers, rank, world, mesh, device, on_gpu) -> int:
+    fields = gpu_fields(world, num_hidden_layers=layers)
     full_state = weights(reference_model(fields, seed=0, device=device, dtype=torch.bfloat16).state_dict())
     ids, labels = make_batch(world, 2, 64, fields["vocab_size"], seed=1, device=device)
     ids, labels = ids[rank * 2:(rank + 1) * 2], labels[rank * 2:(rank + 1) * 2]
 
     base = run("all_to_all", fields, full_state, ids, labels, mesh, device)
     failures = 0
-    for name in ("nvlink", "deepep"):
+    for name in ("all_to_all", "nvlink", "deepep"):  # all_to_all again: the noise floor (expect 0)
         try:
             got = run(name, fields, full_state, ids, labels, mesh, device)
         except (ImportError, ValueError, RuntimeError) as exc:
@@ -91,19 +107,23 @@ def main() -> int:
             if rank == 0:
                 print(f"SKIP model ep={world} dispatcher={name}: {str(exc).splitlines()[0]}", flush=True)
             continue
-        worst = torch.tensor([max(rel(got[k], base[k]) for k in base)], device=device)
+        keys = [k for k in base if not k.startswith("_")]
+        errors = torch.tensor([rel(got[k], base[k]) for k in keys], device=device)
+        flipped = (got["_tokens_per_expert"] - base["_tokens_per_expert"]).abs().sum().view(1)
         missing = torch.tensor([float(set(got) != set(base))], device=device)
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-        dist.all_reduce(missing, op=dist.ReduceOp.MAX)
-        ok = worst.item() < 1e-2 and missing.item() == 0
-        failures += not ok
+        for t in (errors, flipped, missing):
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        ok = errors.max().item() < 1e-2 and missing.item() == 0
+        asserted = layers == 1
+        failures += asserted and not ok
         if rank == 0:
-            print(f"{'PASS' if ok else 'FAIL'} model ep={world} dispatcher={name} vs all_to_all: logits, loss and "
-                  f"{len(base) - 2} gradients, worst relative error {worst.item():.2e}", flush=True)
-    if rank == 0:
-        print(f"model_dispatchers_equivalence: {'FAIL' if failures else 'PASS'}", flush=True)
-    dist.destroy_process_group()
-    return 1 if failures else 0
+            top = sorted(zip(errors.tolist(), keys), reverse=True)[:3]
+            verdict = ("PASS" if ok else "FAIL") if asserted else "INFO"
+            print(f"{verdict} model layers={layers} ep={world} dispatcher={name} vs all_to_all: logits, loss and "
+                  f"{len(keys) - 2} gradients, worst relative error {errors.max().item():.2e} "
+                  f"({', '.join(f'{k} {e:.1e}' for e, k in top)}); expert-count differences {flipped.item():.0f}",
+                  flush=True)
+    return failures
 
 
 if __name__ == "__main__":
