@@ -67,3 +67,12 @@ def check_expert_ids_range(selected_experts: torch.Tensor, num_experts: int) -> 
     if lo < -1 or hi >= num_experts:
         bad = lo if lo < -1 else hi
         raise ValueError(f"selected_experts must be in [-1, {num_experts}), got {bad}")
+
+
+def check_expert_output(expert_output: torch.Tensor, num_rows: int, hidden_size: int) -> None:
+    """``combine``'s input must be a floating ``[R, H]`` tensor row-aligned with the dispatch."""
+    if not isinstance(expert_output, torch.Tensor) or not torch.is_floating_point(expert_output):
+        raise TypeError(f"expert_output must be a floating-point tensor, got {type(expert_output).__name__}")
+    if expert_output.dim() != 2 or tuple(expert_output.shape) != (num_rows, hidden_size):
+        raise ValueError(f"expert_output must be [R={num_rows}, H={hidden_size}] (R from the handle), "
+                         f"got {tuple(expert_output.shape)}")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._checks import check_routing, expert_ids_out_of_range
+from .._checks import check_expert_output, check_routing, expert_ids_out_of_range
 from ..distributed import all_gather_rows, all_to_all, collective_device, group_rank
 from ..permute import BACKENDS as PERMUTE_BACKENDS
 from ..permute import backend_module, count_tokens_per_expert, resolve_backend
@@ -167,12 +167,7 @@ class AllToAllTokenDispatcher:
         """See :meth:`moe_dispatch.TokenDispatcher.combine`. No host sync."""
         if not isinstance(handle, AllToAllHandle):
             raise TypeError(f"handle must be the AllToAllHandle from this dispatcher's dispatch, got {type(handle).__name__}")
-        if not isinstance(expert_output, torch.Tensor) or not torch.is_floating_point(expert_output):
-            raise TypeError(f"expert_output must be a floating-point tensor, got {type(expert_output).__name__}")
-        if expert_output.dim() != 2 or expert_output.shape[0] != handle.num_received_rows:
-            raise ValueError(
-                f"expert_output must be [R={handle.num_received_rows}, H] (R from the handle), "
-                f"got {tuple(expert_output.shape)}")
+        check_expert_output(expert_output, handle.num_received_rows, self.hidden_size)
         rows = expert_output
         if handle.rank_major_index is not None:
             rows = rows.index_select(0, handle.rank_major_index)

@@ -64,7 +64,7 @@ import torch
 from ..permute import BACKENDS as _PERMUTE_BACKENDS
 from ..permute import backend_module as _permute_module
 from ..permute import count_tokens_per_expert, resolve_backend
-from .._checks import check_expert_ids_range, check_routing
+from .._checks import check_expert_ids_range, check_expert_output, check_routing
 from ..distributed import group_size
 from ..protocol import DispatchOutput
 from ..routing_maps import indices_to_multihot
@@ -366,11 +366,7 @@ class FusedTokenRouter:
         """
         if not isinstance(handle, FusedRouterHandle):
             raise TypeError(f"handle must be the FusedRouterHandle from this router's dispatch, got {type(handle).__name__}")
-        if not isinstance(expert_output, torch.Tensor) or not torch.is_floating_point(expert_output):
-            raise TypeError(f"expert_output must be a floating-point tensor, got {type(expert_output).__name__}")
-        if expert_output.dim() != 2 or expert_output.shape != (handle.num_rows, self.hidden_size):
-            raise ValueError(f"expert_output must be [R={handle.num_rows}, H={self.hidden_size}] (R from the handle), "
-                             f"got {tuple(expert_output.shape)}")
+        check_expert_output(expert_output, handle.num_rows, self.hidden_size)
         if handle.comm is not self._comm:
             raise ValueError("handle comes from a DeepEP buffer this router has closed or replaced since the dispatch")
         backend = resolve_backend(self.permute_backend, expert_output.device)

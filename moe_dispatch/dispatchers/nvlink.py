@@ -49,7 +49,7 @@ from typing import Any, Generator
 
 import torch
 
-from .._checks import check_routing
+from .._checks import check_expert_output, check_routing
 from ..protocol import DispatchOutput
 from ._common import DTYPE_CODES, check_group_agreement, check_sizes
 from ._symm_workspace import SimulatedWorkspace, SymmetricWorkspace, WorkspaceView
@@ -416,11 +416,7 @@ class NVLinkTokenDispatcher:
     def _check_combine_args(self, expert_output, handle) -> None:
         if not isinstance(handle, (NVLinkHandle, NVLinkLocalHandle)):
             raise TypeError(f"handle must be the handle of this dispatcher's dispatch, got {type(handle).__name__}")
-        if not isinstance(expert_output, torch.Tensor) or not torch.is_floating_point(expert_output):
-            raise TypeError(f"expert_output must be a floating-point tensor, got {type(expert_output).__name__}")
-        if expert_output.dim() != 2 or expert_output.shape != (handle.num_rows, self.hidden_size):
-            raise ValueError(f"expert_output must be [R={handle.num_rows}, H={self.hidden_size}] (R from the handle), "
-                             f"got {tuple(expert_output.shape)}")
+        check_expert_output(expert_output, handle.num_rows, self.hidden_size)
         if isinstance(handle, NVLinkHandle) and expert_output.device != handle.snap.device:
             raise ValueError(f"expert_output is on {expert_output.device}, the dispatch ran on {handle.snap.device}")
 

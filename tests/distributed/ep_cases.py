@@ -29,6 +29,15 @@ class Case:
 def make_inputs(case: Case, world_size: int, dtype=torch.float32):
     """-> per-rank lists of (x [N_r, H], selected [N_r, K], weights [N_r, K]) and W [E, H, H], all on CPU."""
     g = torch.Generator().manual_seed(case.seed)
+    xs, ses, ws = make_routings(case, world_size, dtype, generator=g)
+    W = (torch.randn(case.num_experts, case.hidden, case.hidden, generator=g) / case.hidden ** 0.5).to(dtype)
+    return xs, ses, ws, W
+
+
+def make_routings(case: Case, world_size: int, dtype=torch.float32, *, generator=None):
+    """-> per-rank lists of (x [N_r, H], selected [N_r, K], weights [N_r, K]) on CPU (no expert
+    weights: [E, H, H] is too big at H = 7168)."""
+    g = generator if generator is not None else torch.Generator().manual_seed(case.seed)
     E, H, K = case.num_experts, case.hidden, case.topk
     xs, ses, ws = [], [], []
     for r in range(world_size):
@@ -47,8 +56,7 @@ def make_inputs(case: Case, world_size: int, dtype=torch.float32):
             se = se.masked_fill(torch.rand(n, K, generator=g) < 0.3, -1)
         w = torch.rand(n, K, generator=g) + 0.1
         xs.append(x), ses.append(se), ws.append(w)
-    W = (torch.randn(E, H, H, generator=g) / H ** 0.5).to(dtype)
-    return xs, ses, ws, W
+    return xs, ses, ws
 
 
 def reference_expert_input(xs, ses, rank, num_local_experts):

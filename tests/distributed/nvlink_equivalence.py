@@ -35,33 +35,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from tests.distributed.ep_cases import Case, run_case  # noqa: E402
+from tests.distributed.ep_cases import Case, make_routings, run_case  # noqa: E402
 
 TOL_BF16 = 1e-2
 
 
 def routing_inputs(case: Case, world_size: int):
-    """Per-rank (x [N, H], selected [N, K], weights [N, K]) on CPU, fp32: the routings of
-    ``ep_cases.make_inputs`` without its [E, H, H] expert weights (too big at H = 7168)."""
-    g = torch.Generator().manual_seed(case.seed)
-    E, H, K = case.num_experts, case.hidden, case.topk
-    xs, ses, ws = [], [], []
-    for r in range(world_size):
-        n = case.tokens_per_rank[r]
-        x = torch.randn(n, H, generator=g)
-        scores = torch.rand(n, E, generator=g)
-        if case.routing == "uneven":
-            scores[:, : max(1, E // world_size)] += 0.7
-        if case.routing == "empty_experts":
-            scores[:, E // 2:] -= 10.0
-        se = scores.topk(K, dim=-1).indices
-        if case.routing == "one_expert":
-            se = torch.full((n, K), -1, dtype=torch.int64)
-            se[:, 0] = E - 1
-        if case.routing == "with_drops":
-            se = se.masked_fill(torch.rand(n, K, generator=g) < 0.3, -1)
-        xs.append(x), ses.append(se), ws.append(torch.rand(n, K, generator=g) + 0.1)
-    return xs, ses, ws
+    """Per-rank (x [N, H], selected [N, K], weights [N, K]) on CPU, fp32: ``ep_cases``' routings
+    without its [E, H, H] expert weights (too big at H = 7168)."""
+    return make_routings(case, world_size)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
