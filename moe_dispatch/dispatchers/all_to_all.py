@@ -44,6 +44,7 @@ class AllToAllHandle:
             received (source rank, local expert) order; None when no regrouping was needed.
         num_received_rows: R.
         hidden_dtype: dtype of ``hidden_states``; combine returns it.
+        permute_backend: the resolved permute backend dispatch used (combine's unpermute too).
     """
 
     row_id_map: torch.Tensor
@@ -54,6 +55,7 @@ class AllToAllHandle:
     num_received_rows: int
     hidden_dtype: torch.dtype
     group: object
+    permute_backend: str
 
 
 def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
@@ -159,7 +161,7 @@ class AllToAllTokenDispatcher:
             row_id_map=row_id_map, routing_weights=routing_weights,
             send_splits=tuple(send_splits), recv_splits=tuple(recv_splits),
             rank_major_index=rank_major_index, num_received_rows=num_received,
-            hidden_dtype=hidden_states.dtype, group=self._group,
+            hidden_dtype=hidden_states.dtype, group=self._group, permute_backend=backend,
         )
         return DispatchOutput(expert_input=expert_input, tokens_per_expert=recv_counts.sum(0), handle=handle)
 
@@ -172,8 +174,7 @@ class AllToAllTokenDispatcher:
         if handle.rank_major_index is not None:
             rows = rows.index_select(0, handle.rank_major_index)
         back = self._exchange_tokens(rows, handle.send_splits, handle.recv_splits, group=handle.group)
-        backend = resolve_backend(self.permute_backend, expert_output.device)
-        out = backend_module(backend).unpermute(back, handle.row_id_map, handle.routing_weights)
+        out = backend_module(handle.permute_backend).unpermute(back, handle.row_id_map, handle.routing_weights)
         return out.to(handle.hidden_dtype)
 
     # --- stages ---------------------------------------------------------------------------------
