@@ -1,6 +1,7 @@
 """AllToAllTokenDispatcher in one process: protocol, exactness, gradients, errors."""
 from __future__ import annotations
 
+import re
 import pytest
 import torch
 from hypothesis import given, settings
@@ -88,7 +89,7 @@ def test_gradcheck_fp64():
 def test_bad_constructor_arguments(kw, words):
     args = dict(num_experts=8, num_local_experts=8, hidden_size=4)
     args.update(kw)
-    with pytest.raises(ValueError, match=__import__("re").escape(words)):
+    with pytest.raises(ValueError, match=re.escape(words)):
         AllToAllTokenDispatcher(**args)
 
 
@@ -102,7 +103,7 @@ def test_bad_constructor_arguments(kw, words):
     ((torch.randn(3, 4).int(), torch.zeros(3, 2, dtype=torch.long), torch.rand(3, 2)), TypeError, "hidden_states must be floating"),
 ])
 def test_bad_dispatch_arguments(args, exc, words):
-    with pytest.raises(exc, match=__import__("re").escape(words)):
+    with pytest.raises(exc, match=re.escape(words)):
         AllToAllTokenDispatcher(8, 8, 4).dispatch(*args)
 
 

@@ -83,6 +83,15 @@ def make_ranks(world_size, num_experts, hidden, **kwargs):
     return sim, ds
 
 
+def assert_combines_match_reference(runs, P: int, E: int) -> None:
+    """``runs``: ``(inputs from random_inputs, expert outputs per rank, combine outputs per rank)``;
+    every rank's combine equals the dense reference of its inputs (fp32 tolerances)."""
+    for (xs, ses, ws, gs, _, _), ys, outs in runs:
+        ref = reference(xs, ses, ws, ys, gs, ys, P, E // P)
+        for s in range(P):
+            torch.testing.assert_close(outs[s].double(), ref["out"][s], rtol=1e-5, atol=1e-5)
+
+
 def assert_flags_clear(sim: SimulatedWorkspace):
     """Protocol invariant: every count flag and chunk flag is 0 between operations."""
     for r in range(sim.world_size):
@@ -279,10 +288,7 @@ def test_two_micro_batches_in_flight_and_growth():
     ob = run_lockstep([d._combine_program(yb[r], db[r][2], use_weights=True) for r, d in enumerate(ds)])
     oa = run_lockstep([d._combine_program(ya[r], da[r][2], use_weights=True) for r, d in enumerate(ds)])
     assert_flags_clear(sim)
-    for (xs, ses, ws, gs, _, _), ys, outs in ((a, ya, oa), (b, yb, ob)):
-        ref = reference(xs, ses, ws, ys, gs, ys, P, E // P)
-        for s in range(P):
-            torch.testing.assert_close(outs[s].double(), ref["out"][s], rtol=1e-5, atol=1e-5)
+    assert_combines_match_reference(((a, ya, oa), (b, yb, ob)), P, E)
 
 
 def test_dispatchers_sharing_a_workspace_interleave():
@@ -299,10 +305,7 @@ def test_dispatchers_sharing_a_workspace_interleave():
     o2 = run_lockstep([d._combine_program(y2[r], d2[r][2], use_weights=True) for r, d in enumerate(ds2)])
     o1 = run_lockstep([d._combine_program(y1[r], d1[r][2], use_weights=True) for r, d in enumerate(ds1)])
     assert_flags_clear(sim)
-    for (xs, ses, ws, gs, _, _), ys, outs in ((i1, y1, o1), (i2, y2, o2)):
-        ref = reference(xs, ses, ws, ys, gs, ys, P, E // P)
-        for s in range(P):
-            torch.testing.assert_close(outs[s].double(), ref["out"][s], rtol=1e-5, atol=1e-5)
+    assert_combines_match_reference(((i1, y1, o1), (i2, y2, o2)), P, E)
     with pytest.raises(ValueError, match="same num_experts"):
         NVLinkTokenDispatcher(2 * E, E, 8, P).share_workspace(ds1[0])
 

@@ -1,6 +1,7 @@
 """The torch reference permute: worked example, round trips, padding, gradients, errors."""
 from __future__ import annotations
 
+import re
 import pytest
 import torch
 from hypothesis import given, settings
@@ -111,7 +112,7 @@ def test_gradcheck_fp64():
 def test_bad_arguments_are_named(bad, exc, words):
     args = dict(tokens=torch.randn(1, 3), selected_experts=torch.tensor([[0, 1]]), num_experts=4)
     args.update(bad)
-    with pytest.raises(exc, match=__import__("re").escape(words)):
+    with pytest.raises(exc, match=re.escape(words)):
         permute(**args)
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["make_row_id_map", "permute_rows", "unpermute_rows"]
+__all__ = ["make_row_id_map", "permute_rows", "permute_slot_values", "unpermute_rows"]
 
 
 def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
@@ -105,7 +105,7 @@ def permute(
     permuted = permute_rows(tokens, row_id_map, num_out_rows)
     permuted_probs = None
     if probs is not None:
-        permuted_probs = permute_rows(probs.reshape(-1, 1), _slot_map(row_id_map), num_out_rows).view(-1)
+        permuted_probs = permute_slot_values(probs, row_id_map, num_out_rows)
     return permuted, permuted_probs, row_id_map
 
 
@@ -115,6 +115,7 @@ def unpermute(
     return unpermute_rows(permuted, row_id_map, merging_probs)
 
 
-def _slot_map(row_id_map: torch.Tensor) -> torch.Tensor:
-    """The same map with one "token" per (n, k) slot: ``[N*K, 1]``, to move per-slot values."""
-    return row_id_map.reshape(-1, 1)
+def permute_slot_values(values: torch.Tensor, row_id_map: torch.Tensor, num_out_rows: int) -> torch.Tensor:
+    """Move one value per (n, k) slot (e.g. routing probs ``[N, K]``) to its permuted row: ``[M]``,
+    0 on padding rows. Each slot is treated as a one-element "token" of its own."""
+    return permute_rows(values.reshape(-1, 1), row_id_map.reshape(-1, 1), num_out_rows).view(-1)

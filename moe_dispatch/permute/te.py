@@ -65,9 +65,7 @@ def permute(tokens, selected_experts, num_experts, probs, align_size, num_out_ro
         permuted = torch.cat([permuted, permuted.new_zeros(num_out_rows - permuted.shape[0], permuted.shape[1])])
     permuted_probs = None
     if probs is not None:
-        flat_rows = row_id_map.reshape(-1)
-        keep = flat_rows >= 0
-        permuted_probs = probs.new_zeros(num_out_rows).index_copy(0, flat_rows[keep], probs.reshape(-1)[keep])
+        permuted_probs = reference.permute_slot_values(probs, row_id_map, num_out_rows)
     return permuted, permuted_probs, row_id_map
 
 
