@@ -153,6 +153,9 @@ def test_loss_with_router_logits_equals_hf(layers, padding, seed):
     with torch.no_grad():
         out_hf = model_hf(ids, attention_mask=mask, labels=labels)
         out_nv = model_nv(ids, attention_mask=mask, labels=labels)
+    keep = mask.bool()
+    torch.testing.assert_close(out_nv.logits[keep], out_hf.logits[keep], atol=1e-5, rtol=0,
+                               msg=lambda m: f"logits of real tokens differ from HF's (padding={padding}): {m}")
     torch.testing.assert_close(out_nv.aux_loss, 0.05 * out_hf.aux_loss, atol=1e-6, rtol=1e-5,
                                msg=lambda m: f"router loss differs from HF's load_balancing_loss_func: {m}")
     torch.testing.assert_close(out_nv.loss, out_hf.loss, atol=1e-5, rtol=0,
