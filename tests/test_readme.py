@@ -84,3 +84,11 @@ def test_readme_torchrun_example_runs(block, tmp_path):
     except subprocess.TimeoutExpired:
         pytest.fail(f"the README example at {name} ({path}, {nproc} ranks) ran past 180 s")
     _check(proc, f"{name} ({path} under torchrun, {nproc} gloo ranks)")
+
+
+def test_a_broken_snippet_is_named():
+    block = (12, "import torch\nraise SystemExit(3)\n")
+    proc = subprocess.CompletedProcess([], 3, "", "Traceback ... NameError: x")
+    with pytest.raises(pytest.fail.Exception, match=r"README snippet at README.md:12: import torch fails \(exit 3\)"):
+        _check(proc, _name(block))
+    assert python_blocks("a\n```python\nx = 1\n```\n```bash\nls\n```\n") == [(2, "x = 1\n")]
