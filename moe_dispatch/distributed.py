@@ -30,12 +30,18 @@ def collective_device(group) -> torch.device:
 def all_gather_rows(row: torch.Tensor, group) -> torch.Tensor:
     """``[C]`` on every rank -> ``[P, C]`` (same C on every rank). Not differentiable.
 
-    One ``all_gather_into_tensor`` into a flat buffer (NCCL and gloo): the list form costs a
-    tensor per rank and a stack, which showed up as host time in every dispatch."""
+    One all-gather into a flat buffer (NCCL and gloo): the list form costs a tensor per rank and
+    a stack, which showed up as host time in every dispatch."""
     size = dist.get_world_size(group)
     out = row.new_empty(size * row.numel())
-    dist.all_gather_into_tensor(out, row.contiguous(), group=group)
+    _all_gather_single()(out, row.contiguous(), group=group)
     return out.view(size, row.numel())
+
+
+def _all_gather_single():
+    """``dist.all_gather_single`` where torch has it (newer torch warns that
+    ``all_gather_into_tensor`` is deprecated), else ``all_gather_into_tensor`` (same signature)."""
+    return getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class _AllToAll(torch.autograd.Function):

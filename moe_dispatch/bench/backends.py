@@ -1,45 +1,121 @@
 """The dispatchers the benchmark knows, by name, each built lazily so a missing optional
-dependency only removes its row."""
+dependency only removes its row, and each able to say in a full sentence why it cannot run here."""
 from __future__ import annotations
 
+import importlib.util
+import os
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+__all__ = ["Backend", "BACKENDS", "DEFAULT", "why_skipped"]
 
-def _all_to_all(permute_backend: str) -> Callable:
+
+@dataclass(frozen=True)
+class Backend:
+    """One benchmark row family.
+
+    Attributes:
+        make: ``(E, L, H, P) -> TokenDispatcher``, built inside each rank.
+        why_unavailable: ``device -> None`` when the backend can run on ``device``, else the reason
+            as one or more full sentences (printed as is under the table).
+        permute: for the all-to-all rows, the permute backend asked for (``"auto"`` included).
+    """
+
+    make: Callable
+    why_unavailable: Callable[[torch.device], str | None]
+    permute: str | None = None
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    return text[:1].upper() + text[1:] + ("" if text.endswith((".", "!", "?")) else ".")
+
+
+def _all_to_all(permute_backend: str) -> Backend:
     def make(E, L, H, P):
         from moe_dispatch import AllToAllTokenDispatcher
+
+        return AllToAllTokenDispatcher(E, L, H, P, permute_backend=permute_backend)
+
+    def why_unavailable(device: torch.device) -> str | None:
+        if permute_backend == "auto":
+            return None
+        if permute_backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return ("The Triton permute kernels run on CUDA GPUs; on CPU they run only under Triton's "
+                    "interpreter, so set TRITON_INTERPRET=1 in the environment to include this row "
+                    "(the interpreter checks the kernels, it is far too slow to time them).")
+        if permute_backend == "te" and device.type != "cuda":
+            return "TransformerEngine's moe_permute runs on CUDA GPUs only, and this run has none."
         from moe_dispatch.permute import resolve_backend
 
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        resolve_backend(permute_backend, device)  # ValueError when this permute backend cannot run here
-        return AllToAllTokenDispatcher(E, L, H, P, permute_backend=permute_backend)
-    return make
+        try:
+            resolve_backend(permute_backend, device)
+        except (ImportError, ValueError) as exc:
+            return _sentence(str(exc))
+        return None
+
+    return Backend(make, why_unavailable, permute_backend)
 
 
-def _nvlink(E, L, H, P):
+def _nvlink_make(E, L, H, P):
     from moe_dispatch.dispatchers.nvlink import NVLinkTokenDispatcher
 
-    if not torch.cuda.is_available():
-        raise ValueError("needs CUDA GPUs that are NVLink/P2P peers")
     return NVLinkTokenDispatcher(E, L, H, P)
 
 
-def _deepep(E, L, H, P):
+def _nvlink_why(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return ("NVLinkTokenDispatcher moves tokens between CUDA GPUs that are NVLink (P2P) peers, "
+                "through PyTorch symmetric memory; this run has no CUDA GPU.")
+    return None
+
+
+def _deepep_make(E, L, H, P):
     from moe_dispatch.dispatchers.deepep import FusedTokenRouter
 
     return FusedTokenRouter(E, L, H, P)
 
 
-BACKENDS: dict[str, Callable] = {
+def _deepep_why(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return "FusedTokenRouter runs DeepEP's CUDA kernels; this run has no CUDA GPU."
+    if importlib.util.find_spec("deep_ep") is None:
+        return ("FusedTokenRouter needs DeepEP (the deep_ep package), which is not installed: "
+                "run `bash install_hybridep.sh` from the moe_dispatch repository root to build it.")
+    return None
+
+
+BACKENDS: dict[str, Backend] = {
     "all_to_all": _all_to_all("auto"),
     "all_to_all+torch": _all_to_all("torch"),
     "all_to_all+triton": _all_to_all("triton"),
     "all_to_all+te": _all_to_all("te"),
-    "nvlink": _nvlink,
-    "deepep": _deepep,
+    "nvlink": Backend(_nvlink_make, _nvlink_why),
+    "deepep": Backend(_deepep_make, _deepep_why),
 }
 
-DEFAULT_CPU = ["all_to_all+torch"]
-DEFAULT_GPU = ["all_to_all+torch", "all_to_all+te", "all_to_all+triton", "nvlink", "deepep"]
+# Every backend, on CPU and GPU alike: the ones that cannot run here are listed with why.
+DEFAULT = list(BACKENDS)
+
+
+def why_skipped(names: list[str], device: torch.device) -> dict[str, str]:
+    """``{name: reason}`` for the backends of ``names`` that will not run on ``device``.
+
+    ``all_to_all`` (permute ``"auto"``) is skipped as a duplicate when the concrete row it resolves
+    to is in ``names`` too.
+    """
+    skipped = {}
+    for name in names:
+        why = BACKENDS[name].why_unavailable(device)
+        if why is None and BACKENDS[name].permute == "auto":
+            from moe_dispatch.permute import resolve_backend
+
+            picked = resolve_backend("auto", device)
+            if f"all_to_all+{picked}" in names:
+                why = (f"On this machine permute_backend='auto' picks the {picked} permute backend, "
+                       f"so this row would repeat the all_to_all+{picked} row.")
+        if why is not None:
+            skipped[name] = why
+    return skipped

@@ -18,46 +18,82 @@ import os
 import socket
 import statistics
 import sys
+import textwrap
 import traceback
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .backends import BACKENDS, DEFAULT_CPU, DEFAULT_GPU
+from .backends import BACKENDS, DEFAULT, why_skipped
 from .limits import cpu_copy_gbps, hbm_copy_gbps, p2p_copy_gbps
+from .plot import PLOT_INSTALL_HINT, matplotlib_available, plot
 
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+def _check_writable(p: argparse.ArgumentParser, flag: str, path: str | None) -> None:
+    if path is not None:
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            p.error(f"{flag} {path}: folder {folder} does not exist")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+    """The CLI arguments, all checked here: a bad one exits with a message naming it before any
+    rank is spawned."""
     gpu = torch.cuda.is_available()
+    positive, non_negative = _int_at_least(1), _int_at_least(0)
     p = argparse.ArgumentParser(prog="moe-dispatch-bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--nproc", type=int, default=min(2, torch.cuda.device_count()) if gpu else 2,
+    p.add_argument("--nproc", type=positive, default=min(2, torch.cuda.device_count()) if gpu else 2,
                    help="ranks (EP size); one GPU each on CUDA")
-    p.add_argument("--tokens", type=int, nargs="+", default=[128, 512, 4096, 16384] if gpu else [128, 1024],
+    p.add_argument("--tokens", type=non_negative, nargs="+", default=[128, 512, 4096, 16384] if gpu else [128, 1024],
                    help="tokens per rank")
-    p.add_argument("--hidden", type=int, nargs="+", default=[4096, 7168] if gpu else [1024])
-    p.add_argument("--experts", type=int, nargs="+", default=[8, 64] if gpu else [8],
-                   help="global experts; paired with --topk")
-    p.add_argument("--topk", type=int, nargs="+", default=[2, 8] if gpu else [2])
-    p.add_argument("--backends", nargs="+", default=DEFAULT_GPU if gpu else DEFAULT_CPU,
-                   help=f"any of {list(BACKENDS)}")
+    p.add_argument("--hidden", type=positive, nargs="+", default=[4096, 7168] if gpu else [1024])
+    p.add_argument("--experts", type=positive, nargs="+", default=[8, 64] if gpu else [8],
+                   help="global experts, divisible by --nproc; paired with --topk")
+    p.add_argument("--topk", type=positive, nargs="+", default=[2, 8] if gpu else [2],
+                   help="experts per token, at most its paired --experts")
+    p.add_argument("--backends", nargs="+", default=DEFAULT,
+                   help=f"any of {list(BACKENDS)} (default: all; those that cannot run here are listed with why)")
     p.add_argument("--dtype", default="bfloat16" if gpu else "float32", choices=["bfloat16", "float32"])
-    p.add_argument("--iters", type=int, default=20 if gpu else 5)
-    p.add_argument("--warmup", type=int, default=5 if gpu else 2)
+    p.add_argument("--iters", type=positive, default=20 if gpu else 5)
+    p.add_argument("--warmup", type=non_negative, default=5 if gpu else 2)
     p.add_argument("--cpu", action="store_true", help="use gloo on CPU even when GPUs are present")
     p.add_argument("--out", help="write the results as JSON here")
-    p.add_argument("--plot", help="write a GB/s-vs-tokens plot (PNG) here; needs matplotlib")
+    p.add_argument("--plot", help=f"write a GB/s-vs-tokens plot (PNG) here; {PLOT_INSTALL_HINT}")
     args = p.parse_args(argv)
     if len(args.experts) != len(args.topk):
-        p.error("--experts and --topk pair up: give as many of each")
+        p.error(f"--experts and --topk pair up: give as many of each (got {len(args.experts)} and {len(args.topk)})")
+    for E, K in zip(args.experts, args.topk):
+        if K > E:
+            p.error(f"--topk {K} is larger than its paired --experts {E}: each token picks top-k distinct experts")
+        if E % args.nproc:
+            p.error(f"--experts {E} is not divisible by --nproc {args.nproc}: each rank holds experts / nproc experts")
     unknown = [b for b in args.backends if b not in BACKENDS]
     if unknown:
         p.error(f"unknown backends {unknown}; known: {list(BACKENDS)}")
+    args.backends = list(dict.fromkeys(args.backends))
     args.use_cuda = gpu and not args.cpu
     if args.use_cuda and args.nproc > torch.cuda.device_count():
         p.error(f"--nproc {args.nproc} > {torch.cuda.device_count()} GPUs")
+    _check_writable(p, "--out", args.out)
+    _check_writable(p, "--plot", args.plot)
+    if args.plot and not matplotlib_available():
+        p.error(f"--plot needs matplotlib, which is not installed: {PLOT_INSTALL_HINT}")
     return args
 
 
@@ -151,23 +187,23 @@ def run_rank(rank, world, port, args, queue):
         dtype = getattr(torch, args.dtype)
         limit_name, limit = measure_limit(args, rank, world)
         rows, skipped = [], {}
-        for name in args.backends:
+        for name in args.run_backends:
             for E, K in zip(args.experts, args.topk):
                 for H in args.hidden:
                     for T in args.tokens:
                         if name in skipped:
                             continue
                         try:
-                            ms_d, ms_c, remote_bytes = bench_one(BACKENDS[name], E, K, H, T, args, rank, world, device, dtype)
+                            ms_d, ms_c, remote_bytes = bench_one(BACKENDS[name].make, E, K, H, T, args, rank, world, device, dtype)
                         except (ImportError, ValueError, RuntimeError) as exc:  # backend not usable here
-                            skipped[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+                            skipped[name] = f"It failed at E={E}, top-{K}, H={H}, {T} tokens: {type(exc).__name__}: {exc}"
                             continue
                         rows.append(dict(backend=name, tokens=T, hidden=H, experts=E, topk=K, nproc=world,
                                          us_dispatch=ms_d * 1e3, us_combine=ms_c * 1e3, remote_bytes=remote_bytes))
         if rank == 0:
             queue.put(("ok", dict(limit_name=limit_name, limit_gbps=limit, rows=rows, skipped=skipped,
                                   device=torch.cuda.get_device_name(0) if args.use_cuda else "cpu",
-                                  torch=torch.__version__, dtype=args.dtype)))
+                                  nproc=world, comm=backend, torch=torch.__version__, dtype=args.dtype)))
     except BaseException as exc:  # noqa: BLE001 - surface every failure to the parent
         queue.put(("error", f"rank {rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
     finally:
@@ -175,44 +211,42 @@ def run_rank(rank, world, port, args, queue):
             dist.destroy_process_group()
 
 
-def format_table(result: dict) -> str:
-    limit = result["limit_gbps"]
-    head = (f"# moe_dispatch bench on {result['device']} x{result['rows'][0]['nproc'] if result['rows'] else '?'}, "
-            f"{result['dtype']}, torch {result['torch']}; limit = {result['limit_name']} {limit:.0f} GB/s "
-            "(measured in this run)")
-    lines = [head, f"{'backend':<20}{'E/K':>7}{'H':>6}{'tokens':>8}{'us disp':>10}{'us comb':>10}"
-                   f"{'GB/s disp':>11}{'GB/s comb':>11}{'% limit d/c':>13}"]
+def add_rates(result: dict) -> None:
+    """Add ``gbps_dispatch`` / ``gbps_combine`` (remote bytes per second) to every row."""
     for r in result["rows"]:
-        gd = r["remote_bytes"] / r["us_dispatch"] / 1e3 if r["us_dispatch"] else 0.0
-        gc = r["remote_bytes"] / r["us_combine"] / 1e3 if r["us_combine"] else 0.0
-        r["gbps_dispatch"], r["gbps_combine"] = gd, gc
-        pct = f"{100 * gd / limit:.0f}/{100 * gc / limit:.0f}" if limit else "-"
-        lines.append(f"{r['backend']:<20}{r['experts']:>4}/{r['topk']:<2}{r['hidden']:>6}{r['tokens']:>8}"
-                     f"{r['us_dispatch']:>10.1f}{r['us_combine']:>10.1f}{gd:>11.1f}{gc:>11.1f}{pct:>13}")
-    for name, why in result["skipped"].items():
-        lines.append(f"skipped {name}: {why}")
+        r["gbps_dispatch"] = r["remote_bytes"] / r["us_dispatch"] / 1e3 if r["us_dispatch"] else 0.0
+        r["gbps_combine"] = r["remote_bytes"] / r["us_combine"] / 1e3 if r["us_combine"] else 0.0
+
+
+def format_header(result: dict) -> str:
+    on_cpu = result["device"] == "cpu"
+    where = f"CPU ({os.cpu_count()} cores)" if on_cpu else result["device"]
+    lines = [f"# moe_dispatch bench: {result['nproc']} ranks on {where} over {result['comm']}, {result['dtype']}, "
+             f"torch {result['torch']}",
+             f"# limit = {result['limit_name']} {result['limit_gbps']:.0f} GB/s, measured in this run"]
+    if on_cpu:
+        lines += ["# (on CPU the limit is this machine's memory copy bandwidth, for reference only:",
+                  "#  gloo moves tokens through local sockets, far below it)"]
     return "\n".join(lines)
 
 
-def plot(result: dict, path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise SystemExit(f"--plot needs matplotlib: pip install matplotlib ({exc})")
-    shapes = sorted({(r["experts"], r["topk"], r["hidden"]) for r in result["rows"]})
-    fig, axes = plt.subplots(1, max(1, len(shapes)), figsize=(5 * max(1, len(shapes)), 4), squeeze=False)
-    for ax, (E, K, H) in zip(axes[0], shapes):
-        for name in dict.fromkeys(r["backend"] for r in result["rows"]):
-            rs = [r for r in result["rows"] if (r["backend"], r["experts"], r["topk"], r["hidden"]) == (name, E, K, H)]
-            ax.plot([r["tokens"] for r in rs], [r["gbps_dispatch"] for r in rs], marker="o", label=f"{name} dispatch")
-            ax.plot([r["tokens"] for r in rs], [r["gbps_combine"] for r in rs], marker="x", ls="--", label=f"{name} combine")
-        ax.axhline(result["limit_gbps"], color="k", lw=1, label=result["limit_name"])
-        ax.set(xscale="log", xlabel="tokens per rank", ylabel="remote GB/s", title=f"H={H}, top-{K} of {E}")
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def format_table(result: dict) -> str:
+    """The header, one line per measured row and, under them, every skipped backend with why.
+    Call :func:`add_rates` first."""
+    limit = result["limit_gbps"]
+    lines = [format_header(result),
+             f"{'backend':<20}{'E/K':>7} {'H':>6} {'tokens':>7} {'us disp':>10} {'us comb':>10} "
+             f"{'GB/s disp':>9} {'GB/s comb':>9} {'% limit d/c':>15}"]
+    for r in result["rows"]:
+        gd, gc = r["gbps_dispatch"], r["gbps_combine"]
+        pct = f"{100 * gd / limit:.2g}/{100 * gc / limit:.2g}" if limit else "-"
+        lines.append(f"{r['backend']:<20}{r['experts']:>4}/{r['topk']:<2} {r['hidden']:>6} {r['tokens']:>7} "
+                     f"{r['us_dispatch']:>10.1f} {r['us_combine']:>10.1f} {gd:>9.3g} {gc:>9.3g} {pct:>15}")
+    if not result["rows"]:
+        lines.append("(no backend could run here)")
+    for name, why in result["skipped"].items():
+        lines.append(textwrap.fill(why, width=100, initial_indent=f"skipped {name}: ", subsequent_indent="    "))
+    return "\n".join(lines)
 
 
 def _wait_for_result(queue, procs) -> tuple[str, object]:
@@ -236,6 +270,9 @@ def _wait_for_result(queue, procs) -> tuple[str, object]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.update(SAFE_ENV)
+    device = torch.device("cuda" if args.use_cuda else "cpu")
+    skipped = why_skipped(args.backends, device)
+    args.run_backends = [name for name in args.backends if name not in skipped]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -248,6 +285,10 @@ def main(argv=None) -> int:
     if status != "ok":
         print(payload, file=sys.stderr)
         return 1
+    # the order asked for on the command line; runtime failures (rank 0's) after the upfront reasons
+    payload["skipped"] = {name: skipped.get(name) or payload["skipped"][name]
+                          for name in args.backends if name in skipped or name in payload["skipped"]}
+    add_rates(payload)
     print(format_table(payload))
     if args.out:
         with open(args.out, "w") as f:
