@@ -11,7 +11,9 @@ works; the layer never looks inside the handle.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 from torch import nn
@@ -22,8 +24,9 @@ from .routing import LoadStats
 __all__ = ["MoELayer", "MoEOutput"]
 
 
-class MoEOutput(NamedTuple):
-    """What :meth:`MoELayer.forward` returns.
+@dataclass(frozen=True)
+class MoEOutput:
+    """What :meth:`MoELayer.forward` returns; unpacks as ``hidden_states, aux_loss = layer(x)``.
 
     Attributes:
         hidden_states: ``[..., H]`` in the input's dtype.
@@ -38,6 +41,14 @@ class MoEOutput(NamedTuple):
     aux_loss: torch.Tensor
     router_logits: torch.Tensor | None = None
     load_stats: LoadStats | None = None
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        # The two values every caller wants; the router's details are attributes.
+        return iter((self.hidden_states, self.aux_loss))
+
+    def _replace(self, **changes) -> "MoEOutput":
+        """A copy with ``changes`` applied (as ``NamedTuple._replace``)."""
+        return replace(self, **changes)
 
 
 def _keep_dtype(fn: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:

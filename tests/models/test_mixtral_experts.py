@@ -147,3 +147,19 @@ def test_moe_layer_keeps_router_dtype_exactly():
 def test_moe_layer_rejects_non_dispatchers():
     with pytest.raises(TypeError, match="TokenDispatcher"):
         MoELayer(TopKRouter(8, 4, 2), SwiGLUExperts(4, 8, 16), dispatcher=object())
+
+
+def test_moe_layer_output_unpacks_as_hidden_and_aux_and_carries_router_details():
+    torch.manual_seed(0)
+    layer = MoELayer(TopKRouter(8, 4, 2, aux_loss_coeff=0.1), SwiGLUExperts(4, 8, 16), AllToAllTokenDispatcher(4, 4, 8))
+    layer.experts.reset_parameters()
+    x = torch.randn(3, 5, 8)
+    out = layer(x)
+    y, aux = out
+    assert y is out.hidden_states and aux is out.aux_loss and y.shape == x.shape
+    assert out.router_logits.shape == (15, 4) and out.load_stats.tokens.item() == 15
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[0, :2] = False
+    assert layer(x, mask).load_stats.tokens.item() == 13
+    with pytest.raises(ValueError, match="token_mask"):
+        layer(x, mask[:, :3])
