@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_dispatch.experts import import_transformer_engine
+from moe_dispatch._optional import import_transformer_engine
 
 __all__ = ["AttentionInputs", "NVMixtralAttention", "NVMixtralRotaryEmbedding", "NVMixtralRMSNorm",
            "apply_rotary_pos_emb", "rope_theta", "resolve_attn_backend", "packed_position_ids"]

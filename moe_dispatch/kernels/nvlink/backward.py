@@ -1,0 +1,165 @@
+"""Combine backward: push grad_out like a dispatch, weight / dot at the receiver, return grad_w."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .sync import _col, _colf, _pick8, _pick8_rt, _spin_until, _wait_chunk_credits, _wait_flags
+
+
+@triton.jit(do_not_specialize=["me", "N", "S", "S_rows", "n_send", "n_recv", "max_spins"])
+def _combine_bwd_kernel(
+    g_ptr, y_ptr, gy_ptr, gw_ptr, w_ptr, local_rows_ptr, slot_ptr, snap_ptr,
+    recv_rows_ptr, recv_w_ptr, recv_chunk_ptr, status_ptr,
+    st0, st1, st2, st3, st4, st5, st6, st7,   # peers' stage rows [P, S, H] (g dtype)
+    sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7,   # peers' stage ctl
+    gb0, gb1, gb2, gb3, gb4, gb5, gb6, gb7,   # peers' gw [P, S, K] fp32
+    gc0, gc1, gc2, gc3, gc4, gc5, gc6, gc7,   # peers' gw ctl
+    st_self, sc_self,
+    N, H, E, CS, me, S, S_rows, n_send, n_recv, max_spins,
+    P: tl.constexpr, P_PAD: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, NCHUNK: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Given ``g = d loss / d out``: ``gy[row(n, k)] = w[n, k] * g[n]`` and
+    ``gw[n, k] = <g[n], y[row(n, k)]>``. Send role: own tokens' local slots directly; each token
+    once to every remote destination (stage channel). Receive role, per staged chunk: ``gy`` of
+    the local rows, and the K dot products sent back into the source's gw buffer (gw channel);
+    ``gather_weight_grads`` then reads them into ``gw``."""
+    pid = tl.program_id(0)
+    misc = P * CS + E
+    chunk_t = tl.load(snap_ptr + misc + 2)
+    ar_t = tl.arange(0, BLOCK_T)
+    ar_k = tl.arange(0, K_PAD)
+    ar_p = tl.arange(0, P_PAD)
+    ar_h = tl.arange(0, BLOCK_H)
+    mk = ar_k < K
+    if pid < n_send:
+        nch = tl.maximum((N + chunk_t - 1) // chunk_t, 1)
+        for r in tl.static_range(P):
+            if r != me:
+                ctl_r = _pick8(r, sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7)
+                _wait_chunk_credits(ctl_r + me * NCHUNK * 4, pid, nch, n_send, status_ptr, max_spins, BLOCK_C)
+        for c in range(pid, nch, n_send):
+            t_lo = c * chunk_t
+            t_hi = tl.minimum(N, t_lo + chunk_t)
+            for t0 in range(t_lo, t_hi, BLOCK_T):
+                tk = (t0 + ar_t).to(tl.int64)
+                mt = tk < t_hi
+                m2 = mt[:, None] & mk[None, :]
+                loc2 = tl.load(local_rows_ptr + tk[:, None] * K + ar_k[None, :], mask=m2, other=-1)
+                w2 = tl.load(w_ptr + tk[:, None] * K + ar_k[None, :], mask=m2, other=0.0).to(tl.float32)
+                slots2 = tl.load(slot_ptr + tk[:, None] * P + ar_p[None, :], mask=mt[:, None] & (ar_p < P)[None, :],
+                                 other=-1)
+                dots = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
+                for h0 in range(0, H, BLOCK_H):
+                    cols = h0 + ar_h
+                    mh = cols < H
+                    gt = tl.load(g_ptr + tk[:, None] * H + cols[None, :], mask=mt[:, None] & mh[None, :], other=0.0)
+                    for r in tl.static_range(P):
+                        if r != me:
+                            j = _col(slots2, ar_p, r)
+                            stage = _pick8(r, st0, st1, st2, st3, st4, st5, st6, st7)
+                            tl.store(stage + (me * S + j).to(tl.int64)[:, None] * H + cols[None, :], gt,
+                                     mask=(j >= 0)[:, None] & mh[None, :])
+                    g32 = gt.to(tl.float32)
+                    for k in tl.static_range(K):
+                        rowk = _col(loc2, ar_k, k)
+                        wk = _colf(w2, ar_k, k)
+                        ok = (rowk >= 0)[:, None] & mh[None, :]
+                        rp = rowk.to(tl.int64)[:, None] * H + cols[None, :]
+                        tl.store(gy_ptr + rp, (wk[:, None] * g32).to(gy_ptr.dtype.element_ty), mask=ok)
+                        yk = tl.load(y_ptr + rp, mask=ok, other=0.0).to(tl.float32)
+                        d = tl.sum(tl.where(ok, g32 * yk, 0.0), axis=1)
+                        dots = tl.where(ar_k[None, :] == k, dots + d[:, None], dots)
+                tl.store(gw_ptr + tk[:, None] * K + ar_k[None, :], dots, mask=m2 & (loc2 >= 0))
+            tl.debug_barrier()
+            for r in tl.static_range(P):
+                if r != me:
+                    ctl = _pick8(r, sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7) + (me * NCHUNK + c) * 4
+                    tl.atomic_xchg(ctl, 1, sem="release", scope="sys")
+    else:
+        rid = pid - n_send
+        max_n = tl.load(snap_ptr + misc + 1)
+        nch_max = tl.maximum((max_n + chunk_t - 1) // chunk_t, 1)
+        for item in range(rid, P * nch_max, n_recv):
+            c = item // P
+            s = item % P
+            n_s = tl.load(snap_ptr + s * CS + E + P)
+            nch_s = tl.maximum((n_s + chunk_t - 1) // chunk_t, 1)
+            if (s != me) & (c < nch_s):
+                ctl = sc_self + (s * NCHUNK + c) * 4
+                gctl = _pick8_rt(s, gc0, gc1, gc2, gc3, gc4, gc5, gc6, gc7) + (me * NCHUNK + c) * 4
+                gbuf = _pick8_rt(s, gb0, gb1, gb2, gb3, gb4, gb5, gb6, gb7)
+                _spin_until(ctl, 1, status_ptr, max_spins)
+                _spin_until(gctl, 0, status_ptr, max_spins)   # credit of s's gw slot for chunk c
+                tl.debug_barrier()
+                first = tl.load(recv_chunk_ptr + (s * NCHUNK + c) * 2)
+                cnt = tl.load(recv_chunk_ptr + (s * NCHUNK + c) * 2 + 1)
+                for j0 in range(first, first + cnt, BLOCK_T):
+                    j = (j0 + ar_t).to(tl.int64)
+                    mj = j < first + cnt
+                    m2 = mj[:, None] & mk[None, :]
+                    rrow = (s * S_rows + j)[:, None] * K + ar_k[None, :]
+                    rows2 = tl.load(recv_rows_ptr + rrow, mask=m2, other=-1)
+                    w2 = tl.load(recv_w_ptr + rrow, mask=m2, other=0.0)
+                    dots = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
+                    for h0 in range(0, H, BLOCK_H):
+                        cols = h0 + ar_h
+                        mh = cols < H
+                        g32 = tl.load(st_self + (s * S + j)[:, None] * H + cols[None, :], mask=mj[:, None] & mh[None, :],
+                                      other=0.0, cache_modifier=".cg").to(tl.float32)
+                        for k in tl.static_range(K):
+                            rowk = _col(rows2, ar_k, k)
+                            wk = _colf(w2, ar_k, k)
+                            ok = (rowk >= 0)[:, None] & mh[None, :]
+                            rp = rowk.to(tl.int64)[:, None] * H + cols[None, :]
+                            tl.store(gy_ptr + rp, (wk[:, None] * g32).to(gy_ptr.dtype.element_ty), mask=ok)
+                            yk = tl.load(y_ptr + rp, mask=ok, other=0.0).to(tl.float32)
+                            d = tl.sum(tl.where(ok, g32 * yk, 0.0), axis=1)
+                            dots = tl.where(ar_k[None, :] == k, dots + d[:, None], dots)
+                    # all K (0 where the slot is not here or was dropped): the source reads its own slots
+                    tl.store(gbuf + (me * S + j)[:, None] * K + ar_k[None, :], dots, mask=m2)
+                tl.debug_barrier()
+                tl.atomic_xchg(ctl, 0, sem="release", scope="sys")
+                tl.atomic_xchg(gctl, 1, sem="release", scope="sys")
+
+
+@triton.jit(do_not_specialize=["me", "N", "S", "max_spins"])
+def _gather_gw_kernel(
+    gw_ptr, sel_ptr, slot_ptr, snap_ptr, gb_self, gc_self, status_ptr,
+    N, E, L, CS, me, S, max_spins,
+    P: tl.constexpr, P_PAD: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, NCHUNK: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """Per chunk of own tokens: wait for every other rank's weight gradients of the chunk, copy
+    ``gw[n, k]`` for the slots on other ranks, free the chunk."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    misc = P * CS + E
+    chunk_t = tl.load(snap_ptr + misc + 2)
+    ar_t = tl.arange(0, BLOCK_T)
+    ar_k = tl.arange(0, K_PAD)
+    ar_p = tl.arange(0, P_PAD)
+    mk = ar_k < K
+    nch = tl.maximum((N + chunk_t - 1) // chunk_t, 1)
+    for c in range(pid, nch, nprog):
+        _wait_flags(gc_self, (ar_p * NCHUNK + c) * 4, (ar_p < P) & (ar_p != me), 1, status_ptr, max_spins)
+        tl.debug_barrier()
+        t_lo = c * chunk_t
+        t_hi = tl.minimum(N, t_lo + chunk_t)
+        for t0 in range(t_lo, t_hi, BLOCK_T):
+            tk = (t0 + ar_t).to(tl.int64)
+            mt = tk < t_hi
+            m2 = mt[:, None] & mk[None, :]
+            e2 = tl.load(sel_ptr + tk[:, None] * K + ar_k[None, :], mask=m2, other=-1)
+            v2 = m2 & (e2 >= 0) & (e2 < E)
+            dst2 = tl.where(v2, e2, 0).to(tl.int32) // L
+            remote = v2 & (dst2 != me)
+            j2 = tl.load(slot_ptr + tk[:, None] * P + dst2, mask=remote, other=0)
+            val = tl.load(gb_self + (dst2 * S + j2).to(tl.int64) * K + ar_k[None, :], mask=remote, other=0.0,
+                          cache_modifier=".cg")
+            tl.store(gw_ptr + tk[:, None] * K + ar_k[None, :], val, mask=remote)
+        tl.debug_barrier()
+        tl.atomic_xchg(gc_self + (ar_p * NCHUNK + c) * 4, 0, mask=(ar_p < P) & (ar_p != me), sem="release",
+                       scope="sys")
+

@@ -1,0 +1,144 @@
+"""Combine (and the backward of dispatch): weighted reduce at the receiver, sum at the sender."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .sync import _col, _colf, _pick8, _wait_flags
+
+
+@triton.jit
+def _reduce_chunk(
+    y_ptr, recv_rows_ptr, recv_w_ptr, recv_chunk_ptr, comb, flag, s, c, H, me, S, S_rows,
+    K: tl.constexpr, K_PAD: tl.constexpr, NCHUNK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    USE_W: tl.constexpr,
+):
+    """Combine's send role for chunk c staged here by rank s: the weighted sum over this rank's
+    slots of each staged token, into s's comb buffer at ``[me, j]``; then raise the flag."""
+    ar_t = tl.arange(0, BLOCK_T)
+    ar_k = tl.arange(0, K_PAD)
+    ar_h = tl.arange(0, BLOCK_H)
+    mk = ar_k < K
+    first = tl.load(recv_chunk_ptr + (s * NCHUNK + c) * 2)
+    cnt = tl.load(recv_chunk_ptr + (s * NCHUNK + c) * 2 + 1)
+    for j0 in range(first, first + cnt, BLOCK_T):
+        j = (j0 + ar_t).to(tl.int64)
+        mj = j < first + cnt
+        m2 = mj[:, None] & mk[None, :]
+        rrow = (s * S_rows + j)[:, None] * K + ar_k[None, :]
+        rows2 = tl.load(recv_rows_ptr + rrow, mask=m2, other=-1)
+        if USE_W:
+            w2 = tl.load(recv_w_ptr + rrow, mask=m2, other=0.0)
+        else:
+            w2 = tl.where(m2, 1.0, 0.0)
+        for h0 in range(0, H, BLOCK_H):
+            cols = h0 + ar_h
+            mh = cols < H
+            acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
+            for k in tl.static_range(K):
+                rowk = _col(rows2, ar_k, k)
+                wk = _colf(w2, ar_k, k)
+                ok = (rowk >= 0)[:, None] & mh[None, :]
+                yk = tl.load(y_ptr + rowk.to(tl.int64)[:, None] * H + cols[None, :], mask=ok, other=0.0)
+                acc += tl.where(ok, wk[:, None] * yk.to(tl.float32), 0.0)
+            tl.store(comb + (me * S + j)[:, None] * H + cols[None, :], acc.to(comb.dtype.element_ty),
+                     mask=mj[:, None] & mh[None, :])
+    tl.debug_barrier()
+    tl.atomic_xchg(flag, 1, sem="release", scope="sys")
+
+
+@triton.jit(do_not_specialize=["me", "N", "S", "S_rows", "n_send", "n_recv", "max_spins"])
+def _combine_kernel(
+    y_ptr, out_ptr, w_ptr, local_rows_ptr, slot_ptr, snap_ptr,
+    recv_rows_ptr, recv_w_ptr, recv_chunk_ptr, status_ptr,
+    cb0, cb1, cb2, cb3, cb4, cb5, cb6, cb7,   # peers' comb rows [P, S, H] (out dtype)
+    cc0, cc1, cc2, cc3, cc4, cc5, cc6, cc7,   # peers' comb ctl [P, C, 4]
+    cb_self, cc_self,
+    N, H, E, CS, me, S, S_rows, n_send, n_recv, max_spins,
+    P: tl.constexpr, P_PAD: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, NCHUNK: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, USE_W: tl.constexpr,
+):
+    """``out[n] = sum_k w[n, k] * y[row(n, k)]`` in fp32 (``w = 1`` without USE_W: the backward
+    of dispatch). Send role, per (chunk, source s) of tokens staged here: the fp32 weighted sum
+    over this rank's slots of each staged token, rounded to out's dtype, into s's comb buffer at
+    ``[me, j]``. Receive role, per chunk of own tokens: the local slots' sum, then (after the
+    chunk's flags from every other rank) plus the partial sums the other ranks sent back."""
+    pid = tl.program_id(0)
+    misc = P * CS + E
+    chunk_t = tl.load(snap_ptr + misc + 2)
+    ar_t = tl.arange(0, BLOCK_T)
+    ar_k = tl.arange(0, K_PAD)
+    ar_p = tl.arange(0, P_PAD)
+    ar_h = tl.arange(0, BLOCK_H)
+    mk = ar_k < K
+    if pid < n_send:
+        max_n = tl.load(snap_ptr + misc + 1)
+        nch_max = tl.maximum((max_n + chunk_t - 1) // chunk_t, 1)
+        ar_c = tl.arange(0, BLOCK_C)
+        for r in tl.static_range(P):
+            if r != me:
+                # credits of the items of this program for source r: chunks c with
+                # (c * P + r) % n_send == pid, a vector of them per round trip
+                ctl_r = _pick8(r, cc0, cc1, cc2, cc3, cc4, cc5, cc6, cc7) + me * NCHUNK * 4
+                n_r = tl.load(snap_ptr + r * CS + E + P)
+                nch_r = tl.maximum((n_r + chunk_t - 1) // chunk_t, 1)
+                for c0 in range(0, nch_r, BLOCK_C):
+                    cs = c0 + ar_c
+                    _wait_flags(ctl_r, cs * 4, (cs < nch_r) & ((cs * P + r) % n_send == pid), 0, status_ptr, max_spins)
+        for item in range(pid, P * nch_max, n_send):
+            c = item // P
+            s = item % P
+            n_s = tl.load(snap_ptr + s * CS + E + P)
+            nch_s = tl.maximum((n_s + chunk_t - 1) // chunk_t, 1)
+            # one copy of the body per source rank, so the peer pointer is picked at compile time
+            # (keeps Triton's 16-byte alignment facts, hence vector stores over NVLink)
+            for sr in tl.static_range(P):
+                if sr != me:
+                    if (s == sr) & (c < nch_s):
+                        _reduce_chunk(
+                            y_ptr, recv_rows_ptr, recv_w_ptr, recv_chunk_ptr,
+                            _pick8(sr, cb0, cb1, cb2, cb3, cb4, cb5, cb6, cb7),
+                            _pick8(sr, cc0, cc1, cc2, cc3, cc4, cc5, cc6, cc7) + (me * NCHUNK + c) * 4,
+                            sr, c, H, me, S, S_rows, K, K_PAD, NCHUNK, BLOCK_T, BLOCK_H, USE_W)
+    else:
+        rid = pid - n_send
+        nch = tl.maximum((N + chunk_t - 1) // chunk_t, 1)
+        for c in range(rid, nch, n_recv):
+            _wait_flags(cc_self, (ar_p * NCHUNK + c) * 4, (ar_p < P) & (ar_p != me), 1, status_ptr, max_spins)
+            tl.debug_barrier()
+            t_lo = c * chunk_t
+            t_hi = tl.minimum(N, t_lo + chunk_t)
+            for t0 in range(t_lo, t_hi, BLOCK_T):
+                tk = (t0 + ar_t).to(tl.int64)
+                mt = tk < t_hi
+                m2 = mt[:, None] & mk[None, :]
+                loc2 = tl.load(local_rows_ptr + tk[:, None] * K + ar_k[None, :], mask=m2, other=-1)
+                if USE_W:
+                    w2 = tl.load(w_ptr + tk[:, None] * K + ar_k[None, :], mask=m2, other=0.0).to(tl.float32)
+                else:
+                    w2 = tl.where(m2, 1.0, 0.0)
+                slots2 = tl.load(slot_ptr + tk[:, None] * P + ar_p[None, :], mask=mt[:, None] & (ar_p < P)[None, :],
+                                 other=-1)
+                for h0 in range(0, H, BLOCK_H):
+                    cols = h0 + ar_h
+                    mh = cols < H
+                    acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
+                    for k in tl.static_range(K):
+                        rowk = _col(loc2, ar_k, k)
+                        wk = _colf(w2, ar_k, k)
+                        ok = (rowk >= 0)[:, None] & mh[None, :]
+                        yk = tl.load(y_ptr + rowk.to(tl.int64)[:, None] * H + cols[None, :], mask=ok, other=0.0)
+                        acc += tl.where(ok, wk[:, None] * yk.to(tl.float32), 0.0)
+                    for r in tl.static_range(P):
+                        if r != me:
+                            j = _col(slots2, ar_p, r)
+                            ok = (j >= 0)[:, None] & mh[None, :]
+                            part = tl.load(cb_self + (r * S + j).to(tl.int64)[:, None] * H + cols[None, :], mask=ok,
+                                           other=0.0, cache_modifier=".cg")
+                            acc += part.to(tl.float32)
+                    tl.store(out_ptr + tk[:, None] * H + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                             mask=mt[:, None] & mh[None, :])
+            tl.debug_barrier()
+            tl.atomic_xchg(cc_self + (ar_p * NCHUNK + c) * 4, 0, mask=(ar_p < P) & (ar_p != me), sem="release",
+                           scope="sys")
+

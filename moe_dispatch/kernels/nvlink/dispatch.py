@@ -1,0 +1,141 @@
+"""Dispatch: push each token once per destination rank, expand at the receiver."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .sync import _BIG, _col, _pick8, _spin_until, _wait_chunk_credits
+
+
+@triton.jit(do_not_specialize=["me", "N", "S", "S_rows", "row_limit", "n_send", "n_recv", "max_spins"])
+def _dispatch_kernel(
+    x_ptr, sel_ptr, w_ptr, rank_ptr, slot_ptr, snap_ptr,
+    out_ptr, local_rows_ptr, recv_rows_ptr, recv_w_ptr, recv_chunk_ptr, status_ptr,
+    st0, st1, st2, st3, st4, st5, st6, st7,   # peers' stage rows [P, S, H]
+    sm0, sm1, sm2, sm3, sm4, sm5, sm6, sm7,   # peers' stage meta [P, S, 2K]
+    sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7,   # peers' stage ctl [P, C, 4]
+    st_self, sm_self, sc_self,
+    N, H, E, L, CS, me, S, S_rows, row_limit, n_send, n_recv, max_spins,
+    P: tl.constexpr, P_PAD: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, NCHUNK: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Send role (programs < n_send), per chunk of this rank's tokens: compute each slot's row at
+    its destination (``base[e] + rank``), write ``local_rows``, copy local slots straight into
+    ``out`` (= expert_input) and each token once into every remote destination's stage (+ meta),
+    then publish the chunk. Receive role: per (chunk, source), wait for the chunk, copy its
+    meta into ``recv_rows``/``recv_w``/``recv_chunk`` (combine needs them after the staging
+    buffers are reused) and each staged row into its rows of ``out``, then free the chunk."""
+    pid = tl.program_id(0)
+    misc = P * CS + E
+    chunk_t = tl.load(snap_ptr + misc + 2)
+    ar_t = tl.arange(0, BLOCK_T)
+    ar_k = tl.arange(0, K_PAD)
+    ar_p = tl.arange(0, P_PAD)
+    ar_h = tl.arange(0, BLOCK_H)
+    mk = ar_k < K
+    if pid < n_send:
+        nch = tl.maximum((N + chunk_t - 1) // chunk_t, 1)
+        for r in tl.static_range(P):
+            if r != me:
+                ctl_r = _pick8(r, sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7)
+                _wait_chunk_credits(ctl_r + me * NCHUNK * 4, pid, nch, n_send, status_ptr, max_spins, BLOCK_C)
+        for c in range(pid, nch, n_send):
+            t_lo = c * chunk_t
+            t_hi = tl.minimum(N, t_lo + chunk_t)
+            cnt_v = tl.zeros([P_PAD], dtype=tl.int32)
+            first_v = tl.full([P_PAD], _BIG, dtype=tl.int32)
+            for t0 in range(t_lo, t_hi, BLOCK_T):
+                tk = (t0 + ar_t).to(tl.int64)
+                mt = tk < t_hi
+                m2 = mt[:, None] & mk[None, :]
+                e2 = tl.load(sel_ptr + tk[:, None] * K + ar_k[None, :], mask=m2, other=-1)
+                v2 = m2 & (e2 >= 0) & (e2 < E)
+                ei = tl.where(v2, e2, 0).to(tl.int32)
+                rk = tl.load(rank_ptr + tk[:, None] * K + ar_k[None, :], mask=v2, other=0)
+                b2 = tl.load(snap_ptr + P * CS + ei, mask=v2, other=0)
+                # rows past row_limit (capacity mode: only with repeated experts in a token) are dropped
+                v2 = v2 & (b2 + rk < row_limit)
+                row2 = tl.where(v2, b2 + rk, -1)
+                dst2 = tl.where(v2, ei // L, -1)
+                w2 = tl.load(w_ptr + tk[:, None] * K + ar_k[None, :], mask=m2, other=0.0).to(tl.float32)
+                loc2 = tl.where(dst2 == me, row2, -1)
+                tl.store(local_rows_ptr + tk[:, None] * K + ar_k[None, :], loc2, mask=m2)
+                slots2 = tl.load(slot_ptr + tk[:, None] * P + ar_p[None, :], mask=mt[:, None] & (ar_p < P)[None, :],
+                                 other=-1)
+                sent = slots2 >= 0
+                cnt_v += tl.sum(sent.to(tl.int32), axis=0)
+                first_v = tl.minimum(first_v, tl.min(tl.where(sent, slots2, _BIG), axis=0))
+                for r in tl.static_range(P):
+                    if r != me:
+                        j = _col(slots2, ar_p, r)
+                        meta = _pick8(r, sm0, sm1, sm2, sm3, sm4, sm5, sm6, sm7)
+                        mrow = meta + (me * S + j).to(tl.int64)[:, None] * (2 * K) + ar_k[None, :]
+                        mm = (j >= 0)[:, None] & mk[None, :]
+                        tl.store(mrow, tl.where(dst2 == r, row2, -1), mask=mm)
+                        tl.store(mrow + K, w2.to(tl.int32, bitcast=True), mask=mm)
+                for h0 in range(0, H, BLOCK_H):
+                    cols = h0 + ar_h
+                    mh = cols < H
+                    xt = tl.load(x_ptr + tk[:, None] * H + cols[None, :], mask=mt[:, None] & mh[None, :])
+                    for r in tl.static_range(P):
+                        if r != me:
+                            j = _col(slots2, ar_p, r)
+                            stage = _pick8(r, st0, st1, st2, st3, st4, st5, st6, st7)
+                            tl.store(stage + (me * S + j).to(tl.int64)[:, None] * H + cols[None, :], xt,
+                                     mask=(j >= 0)[:, None] & mh[None, :])
+                    for k in tl.static_range(K):
+                        rowk = _col(loc2, ar_k, k)
+                        tl.store(out_ptr + rowk.to(tl.int64)[:, None] * H + cols[None, :], xt,
+                                 mask=(rowk >= 0)[:, None] & mh[None, :])
+            tl.debug_barrier()
+            for r in tl.static_range(P):
+                if r != me:
+                    ctl = _pick8(r, sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7) + (me * NCHUNK + c) * 4
+                    cnt_r = tl.sum(tl.where(ar_p == r, cnt_v, 0), axis=0)
+                    first_r = tl.sum(tl.where(ar_p == r, first_v, 0), axis=0)
+                    tl.store(ctl + 1, tl.where(cnt_r > 0, first_r, 0))
+                    tl.store(ctl + 2, cnt_r)
+            tl.debug_barrier()
+            for r in tl.static_range(P):
+                if r != me:
+                    ctl = _pick8(r, sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7) + (me * NCHUNK + c) * 4
+                    tl.atomic_xchg(ctl, 1, sem="release", scope="sys")
+    else:
+        rid = pid - n_send
+        max_n = tl.load(snap_ptr + misc + 1)
+        nch_max = tl.maximum((max_n + chunk_t - 1) // chunk_t, 1)
+        for item in range(rid, P * nch_max, n_recv):
+            c = item // P
+            s = item % P
+            n_s = tl.load(snap_ptr + s * CS + E + P)
+            nch_s = tl.maximum((n_s + chunk_t - 1) // chunk_t, 1)
+            if (s != me) & (c < nch_s):
+                ctl = sc_self + (s * NCHUNK + c) * 4
+                _spin_until(ctl, 1, status_ptr, max_spins)
+                tl.debug_barrier()
+                first = tl.load(ctl + 1, cache_modifier=".cg")
+                cnt = tl.load(ctl + 2, cache_modifier=".cg")
+                tl.store(recv_chunk_ptr + (s * NCHUNK + c) * 2, first)
+                tl.store(recv_chunk_ptr + (s * NCHUNK + c) * 2 + 1, cnt)
+                for j0 in range(first, first + cnt, BLOCK_T):
+                    j = (j0 + ar_t).to(tl.int64)
+                    mj = j < first + cnt
+                    m2 = mj[:, None] & mk[None, :]
+                    mrow = sm_self + (s * S + j)[:, None] * (2 * K) + ar_k[None, :]
+                    rows2 = tl.load(mrow, mask=m2, other=-1, cache_modifier=".cg")
+                    wbits = tl.load(mrow + K, mask=m2, other=0, cache_modifier=".cg")
+                    rrow = (s * S_rows + j)[:, None] * K + ar_k[None, :]
+                    tl.store(recv_rows_ptr + rrow, rows2, mask=m2)
+                    tl.store(recv_w_ptr + rrow, wbits.to(tl.float32, bitcast=True), mask=m2)
+                    for h0 in range(0, H, BLOCK_H):
+                        cols = h0 + ar_h
+                        mh = cols < H
+                        xt = tl.load(st_self + (s * S + j)[:, None] * H + cols[None, :], mask=mj[:, None] & mh[None, :],
+                                     cache_modifier=".cg")
+                        for k in tl.static_range(K):
+                            rowk = _col(rows2, ar_k, k)
+                            tl.store(out_ptr + rowk.to(tl.int64)[:, None] * H + cols[None, :], xt,
+                                     mask=(rowk >= 0)[:, None] & mh[None, :])
+                tl.debug_barrier()
+                tl.atomic_xchg(ctl, 0, sem="release", scope="sys")
+
