@@ -4,7 +4,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sync import _col, _colf, _pick8, _pick8_rt, _spin_until, _wait_chunk_credits, _wait_flags
+from .sync import (CTL_WIDTH, SNAP_CHUNK_TOKENS, SNAP_MAX_TOKENS, _col, _colf, _num_chunks, _pick8_rt, _publish_chunk,
+                   _recv_item, _spin_until, _stage_tile, _wait_send_credits, _free_chunk_from_all,
+                   _wait_chunk_from_all)
 
 
 @triton.jit(do_not_specialize=["me", "N", "S", "S_rows", "n_send", "n_recv", "max_spins"])
@@ -26,19 +28,17 @@ def _combine_bwd_kernel(
     the local rows, and the K dot products sent back into the source's gw buffer (gw channel);
     ``gather_weight_grads`` then reads them into ``gw``."""
     pid = tl.program_id(0)
-    misc = P * CS + E
-    chunk_t = tl.load(snap_ptr + misc + 2)
+    misc = P * CS + E  # wire.SnapLayout.misc
+    chunk_t = tl.load(snap_ptr + misc + SNAP_CHUNK_TOKENS)
     ar_t = tl.arange(0, BLOCK_T)
     ar_k = tl.arange(0, K_PAD)
     ar_p = tl.arange(0, P_PAD)
     ar_h = tl.arange(0, BLOCK_H)
     mk = ar_k < K
     if pid < n_send:
-        nch = tl.maximum((N + chunk_t - 1) // chunk_t, 1)
-        for r in tl.static_range(P):
-            if r != me:
-                ctl_r = _pick8(r, sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7)
-                _wait_chunk_credits(ctl_r + me * NCHUNK * 4, pid, nch, n_send, status_ptr, max_spins, BLOCK_C)
+        nch = _num_chunks(N, chunk_t)
+        _wait_send_credits(sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7, me, pid, nch, n_send, status_ptr, max_spins,
+                           P, NCHUNK, BLOCK_C)
         for c in range(pid, nch, n_send):
             t_lo = c * chunk_t
             t_hi = tl.minimum(N, t_lo + chunk_t)
@@ -55,12 +55,7 @@ def _combine_bwd_kernel(
                     cols = h0 + ar_h
                     mh = cols < H
                     gt = tl.load(g_ptr + tk[:, None] * H + cols[None, :], mask=mt[:, None] & mh[None, :], other=0.0)
-                    for r in tl.static_range(P):
-                        if r != me:
-                            j = _col(slots2, ar_p, r)
-                            stage = _pick8(r, st0, st1, st2, st3, st4, st5, st6, st7)
-                            tl.store(stage + (me * S + j).to(tl.int64)[:, None] * H + cols[None, :], gt,
-                                     mask=(j >= 0)[:, None] & mh[None, :])
+                    _stage_tile(st0, st1, st2, st3, st4, st5, st6, st7, gt, slots2, ar_p, cols, mh, me, S, H, P)
                     g32 = gt.to(tl.float32)
                     for k in tl.static_range(K):
                         rowk = _col(loc2, ar_k, k)
@@ -73,22 +68,15 @@ def _combine_bwd_kernel(
                         dots = tl.where(ar_k[None, :] == k, dots + d[:, None], dots)
                 tl.store(gw_ptr + tk[:, None] * K + ar_k[None, :], dots, mask=m2 & (loc2 >= 0))
             tl.debug_barrier()
-            for r in tl.static_range(P):
-                if r != me:
-                    ctl = _pick8(r, sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7) + (me * NCHUNK + c) * 4
-                    tl.atomic_xchg(ctl, 1, sem="release", scope="sys")
+            _publish_chunk(sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7, me, c, P, NCHUNK)
     else:
         rid = pid - n_send
-        max_n = tl.load(snap_ptr + misc + 1)
-        nch_max = tl.maximum((max_n + chunk_t - 1) // chunk_t, 1)
-        for item in range(rid, P * nch_max, n_recv):
-            c = item // P
-            s = item % P
-            n_s = tl.load(snap_ptr + s * CS + E + P)
-            nch_s = tl.maximum((n_s + chunk_t - 1) // chunk_t, 1)
-            if (s != me) & (c < nch_s):
-                ctl = sc_self + (s * NCHUNK + c) * 4
-                gctl = _pick8_rt(s, gc0, gc1, gc2, gc3, gc4, gc5, gc6, gc7) + (me * NCHUNK + c) * 4
+        max_n = tl.load(snap_ptr + misc + SNAP_MAX_TOKENS)
+        for item in range(rid, P * _num_chunks(max_n, chunk_t), n_recv):
+            c, s, live = _recv_item(item, snap_ptr, me, CS, E, chunk_t, P)
+            if live:
+                ctl = sc_self + (s * NCHUNK + c) * CTL_WIDTH
+                gctl = _pick8_rt(s, gc0, gc1, gc2, gc3, gc4, gc5, gc6, gc7) + (me * NCHUNK + c) * CTL_WIDTH
                 gbuf = _pick8_rt(s, gb0, gb1, gb2, gb3, gb4, gb5, gb6, gb7)
                 _spin_until(ctl, 1, status_ptr, max_spins)
                 _spin_until(gctl, 0, status_ptr, max_spins)   # credit of s's gw slot for chunk c
@@ -135,16 +123,15 @@ def _gather_gw_kernel(
     ``gw[n, k]`` for the slots on other ranks, free the chunk."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    misc = P * CS + E
-    chunk_t = tl.load(snap_ptr + misc + 2)
+    misc = P * CS + E  # wire.SnapLayout.misc
+    chunk_t = tl.load(snap_ptr + misc + SNAP_CHUNK_TOKENS)
     ar_t = tl.arange(0, BLOCK_T)
     ar_k = tl.arange(0, K_PAD)
     ar_p = tl.arange(0, P_PAD)
     mk = ar_k < K
-    nch = tl.maximum((N + chunk_t - 1) // chunk_t, 1)
+    nch = _num_chunks(N, chunk_t)
     for c in range(pid, nch, nprog):
-        _wait_flags(gc_self, (ar_p * NCHUNK + c) * 4, (ar_p < P) & (ar_p != me), 1, status_ptr, max_spins)
-        tl.debug_barrier()
+        _wait_chunk_from_all(gc_self, c, ar_p, me, status_ptr, max_spins, P, NCHUNK)
         t_lo = c * chunk_t
         t_hi = tl.minimum(N, t_lo + chunk_t)
         for t0 in range(t_lo, t_hi, BLOCK_T):
@@ -159,7 +146,5 @@ def _gather_gw_kernel(
             val = tl.load(gb_self + (dst2 * S + j2).to(tl.int64) * K + ar_k[None, :], mask=remote, other=0.0,
                           cache_modifier=".cg")
             tl.store(gw_ptr + tk[:, None] * K + ar_k[None, :], val, mask=remote)
-        tl.debug_barrier()
-        tl.atomic_xchg(gc_self + (ar_p * NCHUNK + c) * 4, 0, mask=(ar_p < P) & (ar_p != me), sem="release",
-                       scope="sys")
+        _free_chunk_from_all(gc_self, c, ar_p, me, P, NCHUNK)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sync import _col, _colf, _pick8, _wait_flags
+from .sync import (CTL_WIDTH, ROW_NUM_TOKENS, SNAP_CHUNK_TOKENS, SNAP_MAX_TOKENS, _col, _colf, _num_chunks, _pick8,
+                   _free_chunk_from_all, _recv_item, _wait_chunk_from_all, _wait_flags)
 
 
 @triton.jit
@@ -64,48 +65,44 @@ def _combine_kernel(
     ``[me, j]``. Receive role, per chunk of own tokens: the local slots' sum, then (after the
     chunk's flags from every other rank) plus the partial sums the other ranks sent back."""
     pid = tl.program_id(0)
-    misc = P * CS + E
-    chunk_t = tl.load(snap_ptr + misc + 2)
+    misc = P * CS + E  # wire.SnapLayout.misc
+    chunk_t = tl.load(snap_ptr + misc + SNAP_CHUNK_TOKENS)
     ar_t = tl.arange(0, BLOCK_T)
     ar_k = tl.arange(0, K_PAD)
     ar_p = tl.arange(0, P_PAD)
     ar_h = tl.arange(0, BLOCK_H)
     mk = ar_k < K
     if pid < n_send:
-        max_n = tl.load(snap_ptr + misc + 1)
-        nch_max = tl.maximum((max_n + chunk_t - 1) // chunk_t, 1)
+        max_n = tl.load(snap_ptr + misc + SNAP_MAX_TOKENS)
+        nch_max = _num_chunks(max_n, chunk_t)
         ar_c = tl.arange(0, BLOCK_C)
         for r in tl.static_range(P):
             if r != me:
                 # credits of the items of this program for source r: chunks c with
                 # (c * P + r) % n_send == pid, a vector of them per round trip
-                ctl_r = _pick8(r, cc0, cc1, cc2, cc3, cc4, cc5, cc6, cc7) + me * NCHUNK * 4
-                n_r = tl.load(snap_ptr + r * CS + E + P)
-                nch_r = tl.maximum((n_r + chunk_t - 1) // chunk_t, 1)
+                ctl_r = _pick8(r, cc0, cc1, cc2, cc3, cc4, cc5, cc6, cc7) + me * NCHUNK * CTL_WIDTH
+                n_r = tl.load(snap_ptr + r * CS + E + P + ROW_NUM_TOKENS)
+                nch_r = _num_chunks(n_r, chunk_t)
                 for c0 in range(0, nch_r, BLOCK_C):
                     cs = c0 + ar_c
-                    _wait_flags(ctl_r, cs * 4, (cs < nch_r) & ((cs * P + r) % n_send == pid), 0, status_ptr, max_spins)
+                    _wait_flags(ctl_r, cs * CTL_WIDTH, (cs < nch_r) & ((cs * P + r) % n_send == pid), 0, status_ptr, max_spins)
         for item in range(pid, P * nch_max, n_send):
-            c = item // P
-            s = item % P
-            n_s = tl.load(snap_ptr + s * CS + E + P)
-            nch_s = tl.maximum((n_s + chunk_t - 1) // chunk_t, 1)
+            c, s, live = _recv_item(item, snap_ptr, me, CS, E, chunk_t, P)
             # one copy of the body per source rank, so the peer pointer is picked at compile time
             # (keeps Triton's 16-byte alignment facts, hence vector stores over NVLink)
             for sr in tl.static_range(P):
                 if sr != me:
-                    if (s == sr) & (c < nch_s):
+                    if live & (s == sr):
                         _reduce_chunk(
                             y_ptr, recv_rows_ptr, recv_w_ptr, recv_chunk_ptr,
                             _pick8(sr, cb0, cb1, cb2, cb3, cb4, cb5, cb6, cb7),
-                            _pick8(sr, cc0, cc1, cc2, cc3, cc4, cc5, cc6, cc7) + (me * NCHUNK + c) * 4,
+                            _pick8(sr, cc0, cc1, cc2, cc3, cc4, cc5, cc6, cc7) + (me * NCHUNK + c) * CTL_WIDTH,
                             sr, c, H, me, S, S_rows, K, K_PAD, NCHUNK, BLOCK_T, BLOCK_H, USE_W)
     else:
         rid = pid - n_send
-        nch = tl.maximum((N + chunk_t - 1) // chunk_t, 1)
+        nch = _num_chunks(N, chunk_t)
         for c in range(rid, nch, n_recv):
-            _wait_flags(cc_self, (ar_p * NCHUNK + c) * 4, (ar_p < P) & (ar_p != me), 1, status_ptr, max_spins)
-            tl.debug_barrier()
+            _wait_chunk_from_all(cc_self, c, ar_p, me, status_ptr, max_spins, P, NCHUNK)
             t_lo = c * chunk_t
             t_hi = tl.minimum(N, t_lo + chunk_t)
             for t0 in range(t_lo, t_hi, BLOCK_T):
@@ -138,7 +135,5 @@ def _combine_kernel(
                             acc += part.to(tl.float32)
                     tl.store(out_ptr + tk[:, None] * H + cols[None, :], acc.to(out_ptr.dtype.element_ty),
                              mask=mt[:, None] & mh[None, :])
-            tl.debug_barrier()
-            tl.atomic_xchg(cc_self + (ar_p * NCHUNK + c) * 4, 0, mask=(ar_p < P) & (ar_p != me), sem="release",
-                           scope="sys")
+            _free_chunk_from_all(cc_self, c, ar_p, me, P, NCHUNK)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sync import _BIG, _col, _pick8, _spin_until, _wait_chunk_credits
+from .sync import (_BIG, CTL_COUNT, CTL_FIRST, CTL_WIDTH, SNAP_CHUNK_TOKENS, SNAP_MAX_TOKENS, _col, _num_chunks,
+                   _pick8, _publish_chunk, _recv_item, _spin_until, _stage_tile, _wait_send_credits)
 
 
 @triton.jit(do_not_specialize=["me", "N", "S", "S_rows", "row_limit", "n_send", "n_recv", "max_spins"])
@@ -26,19 +27,17 @@ def _dispatch_kernel(
     meta into ``recv_rows``/``recv_w``/``recv_chunk`` (combine needs them after the staging
     buffers are reused) and each staged row into its rows of ``out``, then free the chunk."""
     pid = tl.program_id(0)
-    misc = P * CS + E
-    chunk_t = tl.load(snap_ptr + misc + 2)
+    misc = P * CS + E  # wire.SnapLayout.misc
+    chunk_t = tl.load(snap_ptr + misc + SNAP_CHUNK_TOKENS)
     ar_t = tl.arange(0, BLOCK_T)
     ar_k = tl.arange(0, K_PAD)
     ar_p = tl.arange(0, P_PAD)
     ar_h = tl.arange(0, BLOCK_H)
     mk = ar_k < K
     if pid < n_send:
-        nch = tl.maximum((N + chunk_t - 1) // chunk_t, 1)
-        for r in tl.static_range(P):
-            if r != me:
-                ctl_r = _pick8(r, sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7)
-                _wait_chunk_credits(ctl_r + me * NCHUNK * 4, pid, nch, n_send, status_ptr, max_spins, BLOCK_C)
+        nch = _num_chunks(N, chunk_t)
+        _wait_send_credits(sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7, me, pid, nch, n_send, status_ptr, max_spins,
+                           P, NCHUNK, BLOCK_C)
         for c in range(pid, nch, n_send):
             t_lo = c * chunk_t
             t_hi = tl.minimum(N, t_lo + chunk_t)
@@ -52,7 +51,8 @@ def _dispatch_kernel(
                 v2 = m2 & (e2 >= 0) & (e2 < E)
                 ei = tl.where(v2, e2, 0).to(tl.int32)
                 rk = tl.load(rank_ptr + tk[:, None] * K + ar_k[None, :], mask=v2, other=0)
-                b2 = tl.load(snap_ptr + P * CS + ei, mask=v2, other=0)
+                b2 = tl.load(snap_ptr + P * CS + ei,  # wire.SnapLayout.base
+                              mask=v2, other=0)
                 # rows past row_limit (capacity mode: only with repeated experts in a token) are dropped
                 v2 = v2 & (b2 + rk < row_limit)
                 row2 = tl.where(v2, b2 + rk, -1)
@@ -77,12 +77,7 @@ def _dispatch_kernel(
                     cols = h0 + ar_h
                     mh = cols < H
                     xt = tl.load(x_ptr + tk[:, None] * H + cols[None, :], mask=mt[:, None] & mh[None, :])
-                    for r in tl.static_range(P):
-                        if r != me:
-                            j = _col(slots2, ar_p, r)
-                            stage = _pick8(r, st0, st1, st2, st3, st4, st5, st6, st7)
-                            tl.store(stage + (me * S + j).to(tl.int64)[:, None] * H + cols[None, :], xt,
-                                     mask=(j >= 0)[:, None] & mh[None, :])
+                    _stage_tile(st0, st1, st2, st3, st4, st5, st6, st7, xt, slots2, ar_p, cols, mh, me, S, H, P)
                     for k in tl.static_range(K):
                         rowk = _col(loc2, ar_k, k)
                         tl.store(out_ptr + rowk.to(tl.int64)[:, None] * H + cols[None, :], xt,
@@ -90,31 +85,24 @@ def _dispatch_kernel(
             tl.debug_barrier()
             for r in tl.static_range(P):
                 if r != me:
-                    ctl = _pick8(r, sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7) + (me * NCHUNK + c) * 4
+                    ctl = _pick8(r, sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7) + (me * NCHUNK + c) * CTL_WIDTH
                     cnt_r = tl.sum(tl.where(ar_p == r, cnt_v, 0), axis=0)
                     first_r = tl.sum(tl.where(ar_p == r, first_v, 0), axis=0)
-                    tl.store(ctl + 1, tl.where(cnt_r > 0, first_r, 0))
-                    tl.store(ctl + 2, cnt_r)
+                    tl.store(ctl + CTL_FIRST, tl.where(cnt_r > 0, first_r, 0))
+                    tl.store(ctl + CTL_COUNT, cnt_r)
             tl.debug_barrier()
-            for r in tl.static_range(P):
-                if r != me:
-                    ctl = _pick8(r, sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7) + (me * NCHUNK + c) * 4
-                    tl.atomic_xchg(ctl, 1, sem="release", scope="sys")
+            _publish_chunk(sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7, me, c, P, NCHUNK)
     else:
         rid = pid - n_send
-        max_n = tl.load(snap_ptr + misc + 1)
-        nch_max = tl.maximum((max_n + chunk_t - 1) // chunk_t, 1)
-        for item in range(rid, P * nch_max, n_recv):
-            c = item // P
-            s = item % P
-            n_s = tl.load(snap_ptr + s * CS + E + P)
-            nch_s = tl.maximum((n_s + chunk_t - 1) // chunk_t, 1)
-            if (s != me) & (c < nch_s):
-                ctl = sc_self + (s * NCHUNK + c) * 4
+        max_n = tl.load(snap_ptr + misc + SNAP_MAX_TOKENS)
+        for item in range(rid, P * _num_chunks(max_n, chunk_t), n_recv):
+            c, s, live = _recv_item(item, snap_ptr, me, CS, E, chunk_t, P)
+            if live:
+                ctl = sc_self + (s * NCHUNK + c) * CTL_WIDTH
                 _spin_until(ctl, 1, status_ptr, max_spins)
                 tl.debug_barrier()
-                first = tl.load(ctl + 1, cache_modifier=".cg")
-                cnt = tl.load(ctl + 2, cache_modifier=".cg")
+                first = tl.load(ctl + CTL_FIRST, cache_modifier=".cg")
+                cnt = tl.load(ctl + CTL_COUNT, cache_modifier=".cg")
                 tl.store(recv_chunk_ptr + (s * NCHUNK + c) * 2, first)
                 tl.store(recv_chunk_ptr + (s * NCHUNK + c) * 2 + 1, cnt)
                 for j0 in range(first, first + cnt, BLOCK_T):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sync import _pick8, _spin_until
+from .sync import (ROW_BAD_IDS, ROW_DTYPE, ROW_HIDDEN, ROW_NUM_TOKENS, SNAP_BAD_IDS, SNAP_CHUNK_TOKENS, SNAP_MAX_TOKENS,
+                   SNAP_ROWS_HERE, SNAP_STATUS, _pick8, _spin_until)
 
 
 @triton.jit
@@ -150,10 +151,10 @@ def _route_rank_kernel(
             row = cnt_r + me * CS
             tl.store(row + ar_e, tot_e, mask=ar_e < E)
             tl.store(row + E + ar_p, tot_t, mask=ar_p < P)
-            tl.store(row + E + P, N)
-            tl.store(row + E + P + 1, tot_bad)
-            tl.store(row + E + P + 2, H)
-            tl.store(row + E + P + 3, dtype_code)
+            tl.store(row + E + P + ROW_NUM_TOKENS, N)
+            tl.store(row + E + P + ROW_BAD_IDS, tot_bad)
+            tl.store(row + E + P + ROW_HIDDEN, H)
+            tl.store(row + E + P + ROW_DTYPE, dtype_code)
             if r != me:
                 tl.debug_barrier()
                 tl.atomic_xchg(flg_r + me, 1, sem="release", scope="sys")
@@ -184,8 +185,8 @@ def _layout_kernel(
     tl.store(snap_ptr + ar_p[:, None] * CS + ar_c[None, :], mat, mask=mp[:, None] & (ar_c < CS)[None, :])
     ar_l = tl.arange(0, L_PAD)
     ml = ar_l < L
-    base_off = P * CS
-    misc = base_off + E
+    base_off = P * CS  # wire.SnapLayout.base
+    misc = base_off + E  # wire.SnapLayout.misc
     for r in tl.static_range(P):
         blk = tl.load(cnt_ptr + ar_p[:, None] * CS + r * L + ar_l[None, :], mask=mp[:, None] & ml[None, :], other=0,
                       cache_modifier=".cg")
@@ -195,15 +196,15 @@ def _layout_kernel(
         tl.store(snap_ptr + base_off + r * L + ar_l, row0, mask=ml)
         if r == me:
             tl.store(tpe_ptr + ar_l, col.to(tl.int64), mask=ml)
-            tl.store(snap_ptr + misc, tl.sum(col, axis=0))
-    n_all = tl.load(cnt_ptr + ar_p * CS + E + P, mask=mp, other=0, cache_modifier=".cg")
+            tl.store(snap_ptr + misc + SNAP_ROWS_HERE, tl.sum(col, axis=0))
+    n_all = tl.load(cnt_ptr + ar_p * CS + E + P + ROW_NUM_TOKENS, mask=mp, other=0, cache_modifier=".cg")
     max_n = tl.max(n_all, axis=0)
     chunk_t = tl.maximum((max_n + chunk_target - 1) // chunk_target, 1)
-    bad = tl.sum(tl.load(cnt_ptr + ar_p * CS + E + P + 1, mask=mp, other=0, cache_modifier=".cg"), axis=0)
-    tl.store(snap_ptr + misc + 1, max_n)
-    tl.store(snap_ptr + misc + 2, chunk_t)
-    tl.store(snap_ptr + misc + 3, bad)
-    tl.store(snap_ptr + misc + 4, tl.load(status_ptr))  # time-outs so far: the host reads one table
+    bad = tl.sum(tl.load(cnt_ptr + ar_p * CS + E + P + ROW_BAD_IDS, mask=mp, other=0, cache_modifier=".cg"), axis=0)
+    tl.store(snap_ptr + misc + SNAP_MAX_TOKENS, max_n)
+    tl.store(snap_ptr + misc + SNAP_CHUNK_TOKENS, chunk_t)
+    tl.store(snap_ptr + misc + SNAP_BAD_IDS, bad)
+    tl.store(snap_ptr + misc + SNAP_STATUS, tl.load(status_ptr))  # time-outs so far: the host reads one table
     tl.debug_barrier()
     for s in tl.static_range(P):
         if s != me:

@@ -4,7 +4,25 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import wire
+
 _BIG = tl.constexpr(2**30)  # > any slot index; a constexpr so kernels may read it
+
+# The wire format's field positions (wire.py) as compile-time constants the kernels can read.
+ROW_NUM_TOKENS = tl.constexpr(wire.ROW_NUM_TOKENS)
+ROW_BAD_IDS = tl.constexpr(wire.ROW_BAD_IDS)
+ROW_HIDDEN = tl.constexpr(wire.ROW_HIDDEN)
+ROW_DTYPE = tl.constexpr(wire.ROW_DTYPE)
+CTL_FLAG = tl.constexpr(wire.CTL_FLAG)
+CTL_FIRST = tl.constexpr(wire.CTL_FIRST)
+CTL_COUNT = tl.constexpr(wire.CTL_COUNT)
+CTL_WIDTH = tl.constexpr(wire.CTL_WIDTH)
+SNAP_ROWS_HERE = tl.constexpr(wire.SNAP_ROWS_HERE)
+SNAP_MAX_TOKENS = tl.constexpr(wire.SNAP_MAX_TOKENS)
+SNAP_CHUNK_TOKENS = tl.constexpr(wire.SNAP_CHUNK_TOKENS)
+SNAP_BAD_IDS = tl.constexpr(wire.SNAP_BAD_IDS)
+SNAP_STATUS = tl.constexpr(wire.SNAP_STATUS)
+
 
 @triton.jit
 def _pick8(r: tl.constexpr, p0, p1, p2, p3, p4, p5, p6, p7):
@@ -80,7 +98,7 @@ def _wait_chunk_credits(ctl_ptr, first, stop, step, status_ptr, max_spins, BLOCK
     ar = tl.arange(0, BLOCK_C)
     for c0 in range(first, stop, step * BLOCK_C):
         cs = c0 + ar * step
-        _wait_flags(ctl_ptr, cs * 4, cs < stop, 0, status_ptr, max_spins)
+        _wait_flags(ctl_ptr, cs * CTL_WIDTH, cs < stop, 0, status_ptr, max_spins)
 
 
 @triton.jit
@@ -93,3 +111,72 @@ def _col(tile, ar_cols, c: tl.constexpr):
 def _colf(tile, ar_cols, c: tl.constexpr):
     return tl.sum(tl.where(ar_cols[None, :] == c, tile, 0.0), axis=1)
 
+
+
+# ----------------------------------------------------------------------------------------------
+# the role loops every fused kernel shares
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _num_chunks(n, chunk_t):
+    """Chunks of ``n`` tokens; at least 1, so a rank without tokens still publishes (an empty) one."""
+    return tl.maximum((n + chunk_t - 1) // chunk_t, 1)
+
+
+@triton.jit
+def _wait_send_credits(c0, c1, c2, c3, c4, c5, c6, c7, me, pid, nch, n_send, status_ptr, max_spins,
+                       P: tl.constexpr, NCHUNK: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Send role: wait until every remote receiver has freed the chunk slots this program will
+    write (chunks ``pid, pid + n_send, ... < nch`` of ctl channel ``c0..c7``, row ``me``)."""
+    for r in tl.static_range(P):
+        if r != me:
+            ctl_r = _pick8(r, c0, c1, c2, c3, c4, c5, c6, c7)
+            _wait_chunk_credits(ctl_r + me * NCHUNK * CTL_WIDTH, pid, nch, n_send, status_ptr, max_spins, BLOCK_C)
+
+
+@triton.jit
+def _stage_tile(st0, st1, st2, st3, st4, st5, st6, st7, tile, slots2, ar_p, cols, mh, me, S, H, P: tl.constexpr):
+    """Send role: a ``[BLOCK_T, BLOCK_H]`` tile of tokens into every remote receiver's stage rows
+    ``[me, j]``, j = the token's slot there (``slots2 [BLOCK_T, P_PAD]``, -1: not sent there)."""
+    for r in tl.static_range(P):
+        if r != me:
+            j = _col(slots2, ar_p, r)
+            stage = _pick8(r, st0, st1, st2, st3, st4, st5, st6, st7)
+            tl.store(stage + (me * S + j).to(tl.int64)[:, None] * H + cols[None, :], tile,
+                     mask=(j >= 0)[:, None] & mh[None, :])
+
+
+@triton.jit
+def _publish_chunk(c0, c1, c2, c3, c4, c5, c6, c7, me, c, P: tl.constexpr, NCHUNK: tl.constexpr):
+    """Send role, after ``bar.sync``: raise chunk ``c``'s flag at every remote receiver (release,
+    system scope), so its rows are visible before the flag."""
+    for r in tl.static_range(P):
+        if r != me:
+            ctl = _pick8(r, c0, c1, c2, c3, c4, c5, c6, c7) + (me * NCHUNK + c) * CTL_WIDTH
+            tl.atomic_xchg(ctl, 1, sem="release", scope="sys")
+
+
+@triton.jit
+def _recv_item(item, snap_ptr, me, CS, E, chunk_t, P: tl.constexpr):
+    """Receive role: work item -> ``(chunk c, source rank s, live)``; ``live``: s is another rank
+    and has a chunk c (items run over P * the largest chunk count of any rank)."""
+    c = item // P
+    s = item % P
+    n_s = tl.load(snap_ptr + s * CS + E + P + ROW_NUM_TOKENS)
+    return c, s, (s != me) & (c < _num_chunks(n_s, chunk_t))
+
+
+@triton.jit
+def _wait_chunk_from_all(ctl_self, c, ar_p, me, status_ptr, max_spins, P: tl.constexpr, NCHUNK: tl.constexpr):
+    """Owner of chunk ``c``: wait until every other rank published its part of the chunk into
+    this rank's ctl channel ``ctl_self``, then ``bar.sync`` so all threads may load it."""
+    _wait_flags(ctl_self, (ar_p * NCHUNK + c) * CTL_WIDTH, (ar_p < P) & (ar_p != me), 1, status_ptr, max_spins)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _free_chunk_from_all(ctl_self, c, ar_p, me, P: tl.constexpr, NCHUNK: tl.constexpr):
+    """Owner of chunk ``c``, after consuming it: ``bar.sync``, then hand every other rank its
+    credit back (flag 0, release) so it may reuse the slot."""
+    tl.debug_barrier()
+    tl.atomic_xchg(ctl_self + (ar_p * NCHUNK + c) * CTL_WIDTH, 0, mask=(ar_p < P) & (ar_p != me), sem="release",
+                   scope="sys")
