@@ -33,41 +33,29 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
 
 
-def import_transformer_engine() -> ModuleType:
-    """``transformer_engine.pytorch``, imported lazily.
-
-    Raises:
-        ImportError: TransformerEngine is not installed (with how to install it).
-    """
+def _import(name: str, message: str) -> ModuleType:
+    """``name`` imported, or ``ImportError(message with the failure)``."""
     try:
-        return importlib.import_module("transformer_engine.pytorch")
-    except ImportError as err:
-        raise ImportError(f"this feature needs TransformerEngine: {TE_INSTALL_HINT}; import failed: {err}") from err
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise ImportError(message.format(exc=exc)) from exc
+
+
+def import_transformer_engine() -> ModuleType:
+    """``transformer_engine.pytorch``. Raises ``ImportError`` with how to install it."""
+    return _import("transformer_engine.pytorch",
+                   f"this feature needs TransformerEngine: {TE_INSTALL_HINT}; import failed: {{exc}}")
 
 
 def import_deep_ep() -> ModuleType:
-    """``deep_ep``, imported lazily.
-
-    Raises:
-        ImportError: DeepEP is not importable (says to run ``install_hybridep.sh``).
-    """
-    try:
-        return importlib.import_module("deep_ep")
-    except ImportError as exc:
-        raise ImportError(f"FusedTokenRouter needs DeepEP (the `deep_ep` package), which failed to import: {exc}. "
-                          f"To build and install it for this machine, {DEEP_EP_INSTALL_HINT}.") from exc
+    """``deep_ep``. Raises ``ImportError`` saying to run ``install_hybridep.sh``."""
+    return _import("deep_ep", "FusedTokenRouter needs DeepEP (the `deep_ep` package), which failed to import: {exc}. "
+                              f"To build and install it for this machine, {DEEP_EP_INSTALL_HINT}.")
 
 
 def import_triton() -> ModuleType:
-    """``triton``, imported lazily.
-
-    Raises:
-        ImportError: triton is not importable (with how to install it).
-    """
-    try:
-        return importlib.import_module("triton")
-    except ImportError as exc:
-        raise ImportError(f"triton is not importable: {TRITON_INSTALL_HINT} ({exc})") from exc
+    """``triton``. Raises ``ImportError`` with how to install it."""
+    return _import("triton", f"triton is not importable: {TRITON_INSTALL_HINT} ({{exc}})")
 
 
 def import_triton_kernels(name: str) -> ModuleType:

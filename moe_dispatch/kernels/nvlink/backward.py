@@ -4,9 +4,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sync import (CTL_WIDTH, SNAP_CHUNK_TOKENS, SNAP_MAX_TOKENS, _col, _colf, _num_chunks, _pick8_rt, _publish_chunk,
-                   _recv_item, _spin_until, _stage_tile, _wait_send_credits, _free_chunk_from_all,
-                   _wait_chunk_from_all)
+from .sync import (CTL_WIDTH, SNAP_CHUNK_TOKENS, SNAP_MAX_TOKENS, _chunk_range, _free_chunk_from_all, _grad_rows,
+                   _kernel_setup, _num_chunks, _pick8_rt, _publish_chunk, _recv_item, _spin_until, _stage_tile,
+                   _token_tile, _wait_chunk_from_all, _wait_send_credits)
 
 
 @triton.jit(do_not_specialize=["me", "N", "S", "S_rows", "n_send", "n_recv", "max_spins"])
@@ -28,24 +28,16 @@ def _combine_bwd_kernel(
     the local rows, and the K dot products sent back into the source's gw buffer (gw channel);
     ``gather_weight_grads`` then reads them into ``gw``."""
     pid = tl.program_id(0)
-    misc = P * CS + E  # wire.SnapLayout.misc
-    chunk_t = tl.load(snap_ptr + misc + SNAP_CHUNK_TOKENS)
-    ar_t = tl.arange(0, BLOCK_T)
-    ar_k = tl.arange(0, K_PAD)
-    ar_p = tl.arange(0, P_PAD)
-    ar_h = tl.arange(0, BLOCK_H)
+    misc, chunk_t, ar_t, ar_k, ar_p, ar_h = _kernel_setup(snap_ptr, P, CS, E, BLOCK_T, K_PAD, P_PAD, BLOCK_H)
     mk = ar_k < K
     if pid < n_send:
         nch = _num_chunks(N, chunk_t)
         _wait_send_credits(sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7, me, pid, nch, n_send, status_ptr, max_spins,
                            P, NCHUNK, BLOCK_C)
         for c in range(pid, nch, n_send):
-            t_lo = c * chunk_t
-            t_hi = tl.minimum(N, t_lo + chunk_t)
+            t_lo, t_hi = _chunk_range(c, chunk_t, N)
             for t0 in range(t_lo, t_hi, BLOCK_T):
-                tk = (t0 + ar_t).to(tl.int64)
-                mt = tk < t_hi
-                m2 = mt[:, None] & mk[None, :]
+                tk, mt, m2 = _token_tile(t0, t_hi, ar_t, mk)
                 loc2 = tl.load(local_rows_ptr + tk[:, None] * K + ar_k[None, :], mask=m2, other=-1)
                 w2 = tl.load(w_ptr + tk[:, None] * K + ar_k[None, :], mask=m2, other=0.0).to(tl.float32)
                 slots2 = tl.load(slot_ptr + tk[:, None] * P + ar_p[None, :], mask=mt[:, None] & (ar_p < P)[None, :],
@@ -56,16 +48,7 @@ def _combine_bwd_kernel(
                     mh = cols < H
                     gt = tl.load(g_ptr + tk[:, None] * H + cols[None, :], mask=mt[:, None] & mh[None, :], other=0.0)
                     _stage_tile(st0, st1, st2, st3, st4, st5, st6, st7, gt, slots2, ar_p, cols, mh, me, S, H, P)
-                    g32 = gt.to(tl.float32)
-                    for k in tl.static_range(K):
-                        rowk = _col(loc2, ar_k, k)
-                        wk = _colf(w2, ar_k, k)
-                        ok = (rowk >= 0)[:, None] & mh[None, :]
-                        rp = rowk.to(tl.int64)[:, None] * H + cols[None, :]
-                        tl.store(gy_ptr + rp, (wk[:, None] * g32).to(gy_ptr.dtype.element_ty), mask=ok)
-                        yk = tl.load(y_ptr + rp, mask=ok, other=0.0).to(tl.float32)
-                        d = tl.sum(tl.where(ok, g32 * yk, 0.0), axis=1)
-                        dots = tl.where(ar_k[None, :] == k, dots + d[:, None], dots)
+                    dots = _grad_rows(gt.to(tl.float32), loc2, w2, ar_k, cols, mh, dots, gy_ptr, y_ptr, H, K)
                 tl.store(gw_ptr + tk[:, None] * K + ar_k[None, :], dots, mask=m2 & (loc2 >= 0))
             tl.debug_barrier()
             _publish_chunk(sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7, me, c, P, NCHUNK)
@@ -84,9 +67,7 @@ def _combine_bwd_kernel(
                 first = tl.load(recv_chunk_ptr + (s * NCHUNK + c) * 2)
                 cnt = tl.load(recv_chunk_ptr + (s * NCHUNK + c) * 2 + 1)
                 for j0 in range(first, first + cnt, BLOCK_T):
-                    j = (j0 + ar_t).to(tl.int64)
-                    mj = j < first + cnt
-                    m2 = mj[:, None] & mk[None, :]
+                    j, mj, m2 = _token_tile(j0, first + cnt, ar_t, mk)
                     rrow = (s * S_rows + j)[:, None] * K + ar_k[None, :]
                     rows2 = tl.load(recv_rows_ptr + rrow, mask=m2, other=-1)
                     w2 = tl.load(recv_w_ptr + rrow, mask=m2, other=0.0)
@@ -96,15 +77,7 @@ def _combine_bwd_kernel(
                         mh = cols < H
                         g32 = tl.load(st_self + (s * S + j)[:, None] * H + cols[None, :], mask=mj[:, None] & mh[None, :],
                                       other=0.0, cache_modifier=".cg").to(tl.float32)
-                        for k in tl.static_range(K):
-                            rowk = _col(rows2, ar_k, k)
-                            wk = _colf(w2, ar_k, k)
-                            ok = (rowk >= 0)[:, None] & mh[None, :]
-                            rp = rowk.to(tl.int64)[:, None] * H + cols[None, :]
-                            tl.store(gy_ptr + rp, (wk[:, None] * g32).to(gy_ptr.dtype.element_ty), mask=ok)
-                            yk = tl.load(y_ptr + rp, mask=ok, other=0.0).to(tl.float32)
-                            d = tl.sum(tl.where(ok, g32 * yk, 0.0), axis=1)
-                            dots = tl.where(ar_k[None, :] == k, dots + d[:, None], dots)
+                        dots = _grad_rows(g32, rows2, w2, ar_k, cols, mh, dots, gy_ptr, y_ptr, H, K)
                     # all K (0 where the slot is not here or was dropped): the source reads its own slots
                     tl.store(gbuf + (me * S + j)[:, None] * K + ar_k[None, :], dots, mask=m2)
                 tl.debug_barrier()
@@ -132,12 +105,9 @@ def _gather_gw_kernel(
     nch = _num_chunks(N, chunk_t)
     for c in range(pid, nch, nprog):
         _wait_chunk_from_all(gc_self, c, ar_p, me, status_ptr, max_spins, P, NCHUNK)
-        t_lo = c * chunk_t
-        t_hi = tl.minimum(N, t_lo + chunk_t)
+        t_lo, t_hi = _chunk_range(c, chunk_t, N)
         for t0 in range(t_lo, t_hi, BLOCK_T):
-            tk = (t0 + ar_t).to(tl.int64)
-            mt = tk < t_hi
-            m2 = mt[:, None] & mk[None, :]
+            tk, mt, m2 = _token_tile(t0, t_hi, ar_t, mk)
             e2 = tl.load(sel_ptr + tk[:, None] * K + ar_k[None, :], mask=m2, other=-1)
             v2 = m2 & (e2 >= 0) & (e2 < E)
             dst2 = tl.where(v2, e2, 0).to(tl.int32) // L

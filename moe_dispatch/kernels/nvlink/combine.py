@@ -4,8 +4,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sync import (CTL_WIDTH, ROW_NUM_TOKENS, SNAP_CHUNK_TOKENS, SNAP_MAX_TOKENS, _col, _colf, _num_chunks, _pick8,
-                   _free_chunk_from_all, _recv_item, _wait_chunk_from_all, _wait_flags)
+from .sync import (CTL_WIDTH, ROW_NUM_TOKENS, SNAP_MAX_TOKENS, _chunk_range, _col, _free_chunk_from_all, _kernel_setup,
+                   _num_chunks, _pick8, _recv_item, _token_tile, _wait_chunk_from_all, _wait_flags, _weighted_rows)
 
 
 @triton.jit
@@ -23,9 +23,7 @@ def _reduce_chunk(
     first = tl.load(recv_chunk_ptr + (s * NCHUNK + c) * 2)
     cnt = tl.load(recv_chunk_ptr + (s * NCHUNK + c) * 2 + 1)
     for j0 in range(first, first + cnt, BLOCK_T):
-        j = (j0 + ar_t).to(tl.int64)
-        mj = j < first + cnt
-        m2 = mj[:, None] & mk[None, :]
+        j, mj, m2 = _token_tile(j0, first + cnt, ar_t, mk)
         rrow = (s * S_rows + j)[:, None] * K + ar_k[None, :]
         rows2 = tl.load(recv_rows_ptr + rrow, mask=m2, other=-1)
         if USE_W:
@@ -35,13 +33,7 @@ def _reduce_chunk(
         for h0 in range(0, H, BLOCK_H):
             cols = h0 + ar_h
             mh = cols < H
-            acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
-            for k in tl.static_range(K):
-                rowk = _col(rows2, ar_k, k)
-                wk = _colf(w2, ar_k, k)
-                ok = (rowk >= 0)[:, None] & mh[None, :]
-                yk = tl.load(y_ptr + rowk.to(tl.int64)[:, None] * H + cols[None, :], mask=ok, other=0.0)
-                acc += tl.where(ok, wk[:, None] * yk.to(tl.float32), 0.0)
+            acc = _weighted_rows(y_ptr, rows2, w2, ar_k, cols, mh, H, K, BLOCK_T, BLOCK_H)
             tl.store(comb + (me * S + j)[:, None] * H + cols[None, :], acc.to(comb.dtype.element_ty),
                      mask=mj[:, None] & mh[None, :])
     tl.debug_barrier()
@@ -65,12 +57,7 @@ def _combine_kernel(
     ``[me, j]``. Receive role, per chunk of own tokens: the local slots' sum, then (after the
     chunk's flags from every other rank) plus the partial sums the other ranks sent back."""
     pid = tl.program_id(0)
-    misc = P * CS + E  # wire.SnapLayout.misc
-    chunk_t = tl.load(snap_ptr + misc + SNAP_CHUNK_TOKENS)
-    ar_t = tl.arange(0, BLOCK_T)
-    ar_k = tl.arange(0, K_PAD)
-    ar_p = tl.arange(0, P_PAD)
-    ar_h = tl.arange(0, BLOCK_H)
+    misc, chunk_t, ar_t, ar_k, ar_p, ar_h = _kernel_setup(snap_ptr, P, CS, E, BLOCK_T, K_PAD, P_PAD, BLOCK_H)
     mk = ar_k < K
     if pid < n_send:
         max_n = tl.load(snap_ptr + misc + SNAP_MAX_TOKENS)
@@ -103,12 +90,9 @@ def _combine_kernel(
         nch = _num_chunks(N, chunk_t)
         for c in range(rid, nch, n_recv):
             _wait_chunk_from_all(cc_self, c, ar_p, me, status_ptr, max_spins, P, NCHUNK)
-            t_lo = c * chunk_t
-            t_hi = tl.minimum(N, t_lo + chunk_t)
+            t_lo, t_hi = _chunk_range(c, chunk_t, N)
             for t0 in range(t_lo, t_hi, BLOCK_T):
-                tk = (t0 + ar_t).to(tl.int64)
-                mt = tk < t_hi
-                m2 = mt[:, None] & mk[None, :]
+                tk, mt, m2 = _token_tile(t0, t_hi, ar_t, mk)
                 loc2 = tl.load(local_rows_ptr + tk[:, None] * K + ar_k[None, :], mask=m2, other=-1)
                 if USE_W:
                     w2 = tl.load(w_ptr + tk[:, None] * K + ar_k[None, :], mask=m2, other=0.0).to(tl.float32)
@@ -119,13 +103,7 @@ def _combine_kernel(
                 for h0 in range(0, H, BLOCK_H):
                     cols = h0 + ar_h
                     mh = cols < H
-                    acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
-                    for k in tl.static_range(K):
-                        rowk = _col(loc2, ar_k, k)
-                        wk = _colf(w2, ar_k, k)
-                        ok = (rowk >= 0)[:, None] & mh[None, :]
-                        yk = tl.load(y_ptr + rowk.to(tl.int64)[:, None] * H + cols[None, :], mask=ok, other=0.0)
-                        acc += tl.where(ok, wk[:, None] * yk.to(tl.float32), 0.0)
+                    acc = _weighted_rows(y_ptr, loc2, w2, ar_k, cols, mh, H, K, BLOCK_T, BLOCK_H)
                     for r in tl.static_range(P):
                         if r != me:
                             j = _col(slots2, ar_p, r)

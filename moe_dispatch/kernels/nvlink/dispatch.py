@@ -4,8 +4,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sync import (_BIG, CTL_COUNT, CTL_FIRST, CTL_WIDTH, SNAP_CHUNK_TOKENS, SNAP_MAX_TOKENS, _col, _num_chunks,
-                   _pick8, _publish_chunk, _recv_item, _spin_until, _stage_tile, _wait_send_credits)
+from .sync import (CTL_COUNT, CTL_FIRST, CTL_WIDTH, SNAP_MAX_TOKENS, _BIG, _chunk_range, _col, _kernel_setup,
+                   _num_chunks, _pick8, _publish_chunk, _recv_item, _spin_until, _stage_tile, _token_tile,
+                   _wait_send_credits)
 
 
 @triton.jit(do_not_specialize=["me", "N", "S", "S_rows", "row_limit", "n_send", "n_recv", "max_spins"])
@@ -27,26 +28,18 @@ def _dispatch_kernel(
     meta into ``recv_rows``/``recv_w``/``recv_chunk`` (combine needs them after the staging
     buffers are reused) and each staged row into its rows of ``out``, then free the chunk."""
     pid = tl.program_id(0)
-    misc = P * CS + E  # wire.SnapLayout.misc
-    chunk_t = tl.load(snap_ptr + misc + SNAP_CHUNK_TOKENS)
-    ar_t = tl.arange(0, BLOCK_T)
-    ar_k = tl.arange(0, K_PAD)
-    ar_p = tl.arange(0, P_PAD)
-    ar_h = tl.arange(0, BLOCK_H)
+    misc, chunk_t, ar_t, ar_k, ar_p, ar_h = _kernel_setup(snap_ptr, P, CS, E, BLOCK_T, K_PAD, P_PAD, BLOCK_H)
     mk = ar_k < K
     if pid < n_send:
         nch = _num_chunks(N, chunk_t)
         _wait_send_credits(sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7, me, pid, nch, n_send, status_ptr, max_spins,
                            P, NCHUNK, BLOCK_C)
         for c in range(pid, nch, n_send):
-            t_lo = c * chunk_t
-            t_hi = tl.minimum(N, t_lo + chunk_t)
+            t_lo, t_hi = _chunk_range(c, chunk_t, N)
             cnt_v = tl.zeros([P_PAD], dtype=tl.int32)
             first_v = tl.full([P_PAD], _BIG, dtype=tl.int32)
             for t0 in range(t_lo, t_hi, BLOCK_T):
-                tk = (t0 + ar_t).to(tl.int64)
-                mt = tk < t_hi
-                m2 = mt[:, None] & mk[None, :]
+                tk, mt, m2 = _token_tile(t0, t_hi, ar_t, mk)
                 e2 = tl.load(sel_ptr + tk[:, None] * K + ar_k[None, :], mask=m2, other=-1)
                 v2 = m2 & (e2 >= 0) & (e2 < E)
                 ei = tl.where(v2, e2, 0).to(tl.int32)
@@ -106,9 +99,7 @@ def _dispatch_kernel(
                 tl.store(recv_chunk_ptr + (s * NCHUNK + c) * 2, first)
                 tl.store(recv_chunk_ptr + (s * NCHUNK + c) * 2 + 1, cnt)
                 for j0 in range(first, first + cnt, BLOCK_T):
-                    j = (j0 + ar_t).to(tl.int64)
-                    mj = j < first + cnt
-                    m2 = mj[:, None] & mk[None, :]
+                    j, mj, m2 = _token_tile(j0, first + cnt, ar_t, mk)
                     mrow = sm_self + (s * S + j)[:, None] * (2 * K) + ar_k[None, :]
                     rows2 = tl.load(mrow, mask=m2, other=-1, cache_modifier=".cg")
                     wbits = tl.load(mrow + K, mask=m2, other=0, cache_modifier=".cg")

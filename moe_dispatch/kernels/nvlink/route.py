@@ -5,8 +5,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sync import (ROW_BAD_IDS, ROW_DTYPE, ROW_HIDDEN, ROW_NUM_TOKENS, SNAP_BAD_IDS, SNAP_CHUNK_TOKENS, SNAP_MAX_TOKENS,
-                   SNAP_ROWS_HERE, SNAP_STATUS, _pick8, _spin_until)
+from .sync import (ROW_BAD_IDS, ROW_DTYPE, ROW_HIDDEN, ROW_NUM_TOKENS, SNAP_BAD_IDS, SNAP_CHUNK_TOKENS,
+                   SNAP_MAX_TOKENS, SNAP_ROWS_HERE, SNAP_STATUS, _pick8, _spin_until)
 
 
 @triton.jit
@@ -71,6 +71,25 @@ def _route_hist_kernel(
     tl.store(row + E + P, bad)
 
 
+@triton.jit
+def _hist_sums(hist_ptr, n_rows, HS, E, ar_e, ar_p, P: tl.constexpr, E_PAD: tl.constexpr, P_PAD: tl.constexpr,
+               BLOCK_G: tl.constexpr):
+    """Sums of ``hist`` rows ``[0, n_rows)``: (slots per expert [E_PAD], tokens per rank [P_PAD],
+    invalid ids), ``BLOCK_G`` rows per step."""
+    tot_e = tl.zeros([E_PAD], dtype=tl.int32)
+    tot_t = tl.zeros([P_PAD], dtype=tl.int32)
+    tot_bad = tl.zeros([], dtype=tl.int32)
+    ar_g = tl.arange(0, BLOCK_G)
+    for g0 in range(0, n_rows, BLOCK_G):
+        gs = g0 + ar_g
+        mg = gs < n_rows
+        rows = hist_ptr + gs.to(tl.int64)[:, None] * HS
+        tot_e += tl.sum(tl.load(rows + ar_e[None, :], mask=mg[:, None] & (ar_e < E)[None, :], other=0), axis=0)
+        tot_t += tl.sum(tl.load(rows + E + ar_p[None, :], mask=mg[:, None] & (ar_p < P)[None, :], other=0), axis=0)
+        tot_bad += tl.sum(tl.load(hist_ptr + gs.to(tl.int64) * HS + E + P, mask=mg, other=0), axis=0)
+    return tot_e, tot_t, tot_bad
+
+
 @triton.jit(do_not_specialize=["me", "N", "num_ctas", "tokens_per_cta", "max_spins"])
 def _route_rank_kernel(
     sel_ptr, hist_ptr, rank_ptr, slot_ptr, status_ptr,
@@ -99,13 +118,7 @@ def _route_rank_kernel(
     run_e = tl.zeros([E_PAD], dtype=tl.int32)
     run_t = tl.zeros([P_PAD], dtype=tl.int32)
     if not SINGLE:
-        ar_g = tl.arange(0, BLOCK_G)
-        for g0 in range(0, pid, BLOCK_G):
-            gs = g0 + ar_g
-            mg = gs < pid
-            rows = hist_ptr + gs.to(tl.int64)[:, None] * HS
-            run_e += tl.sum(tl.load(rows + ar_e[None, :], mask=mg[:, None] & (ar_e < E)[None, :], other=0), axis=0)
-            run_t += tl.sum(tl.load(rows + E + ar_p[None, :], mask=mg[:, None] & (ar_p < P)[None, :], other=0), axis=0)
+        run_e, run_t, _ = _hist_sums(hist_ptr, pid, HS, E, ar_e, ar_p, P, E_PAD, P_PAD, BLOCK_G)
     bad = tl.zeros([], dtype=tl.int32)
     for t0 in range(t_lo, t_hi, BLOCK_N):
         s, m, e, valid, nbad = _slots(sel_ptr, t0, t_hi, E, K, BLOCK_N, BLOCK_S)
@@ -131,17 +144,7 @@ def _route_rank_kernel(
             tot_t = run_t
             tot_bad = bad
         else:
-            tot_e = tl.zeros([E_PAD], dtype=tl.int32)
-            tot_t = tl.zeros([P_PAD], dtype=tl.int32)
-            tot_bad = tl.zeros([], dtype=tl.int32)
-            ar_g2 = tl.arange(0, BLOCK_G)
-            for g0 in range(0, num_ctas, BLOCK_G):
-                gs = g0 + ar_g2
-                mg = gs < num_ctas
-                rows = hist_ptr + gs.to(tl.int64)[:, None] * HS
-                tot_e += tl.sum(tl.load(rows + ar_e[None, :], mask=mg[:, None] & (ar_e < E)[None, :], other=0), axis=0)
-                tot_t += tl.sum(tl.load(rows + E + ar_p[None, :], mask=mg[:, None] & (ar_p < P)[None, :], other=0), axis=0)
-                tot_bad += tl.sum(tl.load(hist_ptr + gs.to(tl.int64) * HS + E + P, mask=mg, other=0), axis=0)
+            tot_e, tot_t, tot_bad = _hist_sums(hist_ptr, num_ctas, HS, E, ar_e, ar_p, P, E_PAD, P_PAD, BLOCK_G)
         for r in tl.static_range(P):
             cnt_r = _pick8(r, c0, c1, c2, c3, c4, c5, c6, c7)
             flg_r = _pick8(r, f0, f1, f2, f3, f4, f5, f6, f7)

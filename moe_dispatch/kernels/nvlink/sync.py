@@ -48,22 +48,11 @@ def _pick8(r: tl.constexpr, p0, p1, p2, p3, p4, p5, p6, p7):
 
 @triton.jit
 def _pick8_rt(s, p0, p1, p2, p3, p4, p5, p6, p7):
-    """Pointer argument number ``s`` (run-time s)."""
+    """Pointer argument number ``s`` (run-time s): a select over the compile-time picks."""
     p = p0
-    if s == 1:
-        p = p1
-    if s == 2:
-        p = p2
-    if s == 3:
-        p = p3
-    if s == 4:
-        p = p4
-    if s == 5:
-        p = p5
-    if s == 6:
-        p = p6
-    if s == 7:
-        p = p7
+    for r in tl.static_range(1, 8):
+        if s == r:
+            p = _pick8(r, p0, p1, p2, p3, p4, p5, p6, p7)
     return p
 
 
@@ -180,3 +169,61 @@ def _free_chunk_from_all(ctl_self, c, ar_p, me, P: tl.constexpr, NCHUNK: tl.cons
     tl.debug_barrier()
     tl.atomic_xchg(ctl_self + (ar_p * NCHUNK + c) * CTL_WIDTH, 0, mask=(ar_p < P) & (ar_p != me), sem="release",
                    scope="sys")
+
+
+# ----------------------------------------------------------------------------------------------
+# tiles: the index and row math the kernels share
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _kernel_setup(snap_ptr, P: tl.constexpr, CS, E, BLOCK_T: tl.constexpr, K_PAD: tl.constexpr,
+                  P_PAD: tl.constexpr, BLOCK_H: tl.constexpr):
+    """``(misc offset of snap, chunk tokens, ar_t, ar_k, ar_p, ar_h)`` every fused kernel starts from."""
+    misc = P * CS + E  # wire.SnapLayout.misc
+    chunk_t = tl.load(snap_ptr + misc + SNAP_CHUNK_TOKENS)
+    return (misc, chunk_t, tl.arange(0, BLOCK_T), tl.arange(0, K_PAD), tl.arange(0, P_PAD),
+            tl.arange(0, BLOCK_H))
+
+
+@triton.jit
+def _chunk_range(c, chunk_t, N):
+    """Tokens ``[t_lo, t_hi)`` of chunk ``c``."""
+    t_lo = c * chunk_t
+    return t_lo, tl.minimum(N, t_lo + chunk_t)
+
+
+@triton.jit
+def _token_tile(t0, t_hi, ar_t, mk):
+    """``(tk int64 [BLOCK_T] token ids, mt token mask, m2 [BLOCK_T, K_PAD] slot mask)``."""
+    tk = (t0 + ar_t).to(tl.int64)
+    mt = tk < t_hi
+    return tk, mt, mt[:, None] & mk[None, :]
+
+
+@triton.jit
+def _weighted_rows(y_ptr, rows2, w2, ar_k, cols, mh, H, K: tl.constexpr, BLOCK_T: tl.constexpr,
+                   BLOCK_H: tl.constexpr):
+    """fp32 ``[BLOCK_T, BLOCK_H]``: ``sum_k w2[:, k] * y[rows2[:, k], cols]`` (rows < 0 skipped)."""
+    acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
+    for k in tl.static_range(K):
+        rowk = _col(rows2, ar_k, k)
+        wk = _colf(w2, ar_k, k)
+        ok = (rowk >= 0)[:, None] & mh[None, :]
+        yk = tl.load(y_ptr + rowk.to(tl.int64)[:, None] * H + cols[None, :], mask=ok, other=0.0)
+        acc += tl.where(ok, wk[:, None] * yk.to(tl.float32), 0.0)
+    return acc
+
+
+@triton.jit
+def _grad_rows(g32, rows2, w2, ar_k, cols, mh, dots, gy_ptr, y_ptr, H, K: tl.constexpr):
+    """Combine backward on one tile of columns: ``gy[rows2[:, k]] = w2[:, k] * g`` and
+    ``dots[:, k] += <g, y[rows2[:, k]]>`` (rows < 0 skipped). Returns ``dots``."""
+    for k in tl.static_range(K):
+        rowk = _col(rows2, ar_k, k)
+        wk = _colf(w2, ar_k, k)
+        ok = (rowk >= 0)[:, None] & mh[None, :]
+        rp = rowk.to(tl.int64)[:, None] * H + cols[None, :]
+        tl.store(gy_ptr + rp, (wk[:, None] * g32).to(gy_ptr.dtype.element_ty), mask=ok)
+        yk = tl.load(y_ptr + rp, mask=ok, other=0.0).to(tl.float32)
+        d = tl.sum(tl.where(ok, g32 * yk, 0.0), axis=1)
+        dots = tl.where(ar_k[None, :] == k, dots + d[:, None], dots)
+    return dots
