@@ -4,8 +4,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sync import (CTL_WIDTH, ROW_NUM_TOKENS, SNAP_MAX_TOKENS, _chunk_range, _col, _free_chunk_from_all, _kernel_setup,
-                   _num_chunks, _pick8, _recv_item, _token_tile, _wait_chunk_from_all, _wait_flags, _weighted_rows)
+from .sync import (CTL_WIDTH, ROW_NUM_TOKENS, SNAP_MAX_TOKENS, _col, _free_chunk_from_all, _kernel_setup, _num_chunks,
+                   _pick8, _recv_item, _token_tile, _wait_chunk_from_all, _wait_flags, _weighted_rows)
 
 
 @triton.jit
@@ -56,9 +56,8 @@ def _combine_kernel(
     over this rank's slots of each staged token, rounded to out's dtype, into s's comb buffer at
     ``[me, j]``. Receive role, per chunk of own tokens: the local slots' sum, then (after the
     chunk's flags from every other rank) plus the partial sums the other ranks sent back."""
-    pid = tl.program_id(0)
-    misc, chunk_t, ar_t, ar_k, ar_p, ar_h = _kernel_setup(snap_ptr, P, CS, E, BLOCK_T, K_PAD, P_PAD, BLOCK_H)
-    mk = ar_k < K
+    pid, misc, chunk_t, ar_t, ar_k, ar_p, ar_h, mk = _kernel_setup(snap_ptr, P, CS, E, K, BLOCK_T, K_PAD, P_PAD,
+                                                                   BLOCK_H)
     if pid < n_send:
         max_n = tl.load(snap_ptr + misc + SNAP_MAX_TOKENS)
         nch_max = _num_chunks(max_n, chunk_t)
@@ -89,8 +88,7 @@ def _combine_kernel(
         rid = pid - n_send
         nch = _num_chunks(N, chunk_t)
         for c in range(rid, nch, n_recv):
-            _wait_chunk_from_all(cc_self, c, ar_p, me, status_ptr, max_spins, P, NCHUNK)
-            t_lo, t_hi = _chunk_range(c, chunk_t, N)
+            t_lo, t_hi = _wait_chunk_from_all(cc_self, c, chunk_t, N, ar_p, me, status_ptr, max_spins, P, NCHUNK)
             for t0 in range(t_lo, t_hi, BLOCK_T):
                 tk, mt, m2 = _token_tile(t0, t_hi, ar_t, mk)
                 loc2 = tl.load(local_rows_ptr + tk[:, None] * K + ar_k[None, :], mask=m2, other=-1)

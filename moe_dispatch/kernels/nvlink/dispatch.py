@@ -27,17 +27,15 @@ def _dispatch_kernel(
     then publish the chunk. Receive role: per (chunk, source), wait for the chunk, copy its
     meta into ``recv_rows``/``recv_w``/``recv_chunk`` (combine needs them after the staging
     buffers are reused) and each staged row into its rows of ``out``, then free the chunk."""
-    pid = tl.program_id(0)
-    misc, chunk_t, ar_t, ar_k, ar_p, ar_h = _kernel_setup(snap_ptr, P, CS, E, BLOCK_T, K_PAD, P_PAD, BLOCK_H)
-    mk = ar_k < K
+    pid, misc, chunk_t, ar_t, ar_k, ar_p, ar_h, mk = _kernel_setup(snap_ptr, P, CS, E, K, BLOCK_T, K_PAD, P_PAD,
+                                                                   BLOCK_H)
     if pid < n_send:
-        nch = _num_chunks(N, chunk_t)
-        _wait_send_credits(sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7, me, pid, nch, n_send, status_ptr, max_spins,
-                           P, NCHUNK, BLOCK_C)
+        nch = _wait_send_credits(sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7, me, pid, N, chunk_t, n_send, status_ptr,
+                                 max_spins, P, NCHUNK, BLOCK_C)
         for c in range(pid, nch, n_send):
+            cnt_v = tl.zeros([P_PAD], dtype=tl.int32)   # tokens of the chunk sent to each rank
+            first_v = tl.full([P_PAD], _BIG, dtype=tl.int32)  # and the first slot j at each
             t_lo, t_hi = _chunk_range(c, chunk_t, N)
-            cnt_v = tl.zeros([P_PAD], dtype=tl.int32)
-            first_v = tl.full([P_PAD], _BIG, dtype=tl.int32)
             for t0 in range(t_lo, t_hi, BLOCK_T):
                 tk, mt, m2 = _token_tile(t0, t_hi, ar_t, mk)
                 e2 = tl.load(sel_ptr + tk[:, None] * K + ar_k[None, :], mask=m2, other=-1)

@@ -25,25 +25,14 @@ SNAP_STATUS = tl.constexpr(wire.SNAP_STATUS)
 
 
 @triton.jit
+def _pick4(r: tl.constexpr, p0, p1, p2, p3):
+    return (p0 if r == 0 else p1) if r < 2 else (p2 if r == 2 else p3)
+
+
+@triton.jit
 def _pick8(r: tl.constexpr, p0, p1, p2, p3, p4, p5, p6, p7):
-    """Pointer argument number ``r`` (compile-time r)."""
-    if r == 0:
-        p = p0
-    elif r == 1:
-        p = p1
-    elif r == 2:
-        p = p2
-    elif r == 3:
-        p = p3
-    elif r == 4:
-        p = p4
-    elif r == 5:
-        p = p5
-    elif r == 6:
-        p = p6
-    else:
-        p = p7
-    return p
+    """Pointer argument number ``r`` (compile-time r: every branch is resolved at compile time)."""
+    return _pick4(r, p0, p1, p2, p3) if r < 4 else _pick4(r - 4, p4, p5, p6, p7)
 
 
 @triton.jit
@@ -112,14 +101,17 @@ def _num_chunks(n, chunk_t):
 
 
 @triton.jit
-def _wait_send_credits(c0, c1, c2, c3, c4, c5, c6, c7, me, pid, nch, n_send, status_ptr, max_spins,
+def _wait_send_credits(c0, c1, c2, c3, c4, c5, c6, c7, me, pid, N, chunk_t, n_send, status_ptr, max_spins,
                        P: tl.constexpr, NCHUNK: tl.constexpr, BLOCK_C: tl.constexpr):
     """Send role: wait until every remote receiver has freed the chunk slots this program will
-    write (chunks ``pid, pid + n_send, ... < nch`` of ctl channel ``c0..c7``, row ``me``)."""
+    write (chunks ``pid, pid + n_send, ... < nch`` of ctl channel ``c0..c7``, row ``me``), and
+    return ``nch``, the chunks of this rank's ``N`` tokens."""
+    nch = _num_chunks(N, chunk_t)
     for r in tl.static_range(P):
         if r != me:
             ctl_r = _pick8(r, c0, c1, c2, c3, c4, c5, c6, c7)
             _wait_chunk_credits(ctl_r + me * NCHUNK * CTL_WIDTH, pid, nch, n_send, status_ptr, max_spins, BLOCK_C)
+    return nch
 
 
 @triton.jit
@@ -155,11 +147,14 @@ def _recv_item(item, snap_ptr, me, CS, E, chunk_t, P: tl.constexpr):
 
 
 @triton.jit
-def _wait_chunk_from_all(ctl_self, c, ar_p, me, status_ptr, max_spins, P: tl.constexpr, NCHUNK: tl.constexpr):
+def _wait_chunk_from_all(ctl_self, c, chunk_t, N, ar_p, me, status_ptr, max_spins, P: tl.constexpr,
+                         NCHUNK: tl.constexpr):
     """Owner of chunk ``c``: wait until every other rank published its part of the chunk into
-    this rank's ctl channel ``ctl_self``, then ``bar.sync`` so all threads may load it."""
+    this rank's ctl channel ``ctl_self``, then ``bar.sync`` so all threads may load it.
+    Returns the chunk's tokens ``[t_lo, t_hi)``."""
     _wait_flags(ctl_self, (ar_p * NCHUNK + c) * CTL_WIDTH, (ar_p < P) & (ar_p != me), 1, status_ptr, max_spins)
     tl.debug_barrier()
+    return _chunk_range(c, chunk_t, N)
 
 
 @triton.jit
@@ -175,13 +170,15 @@ def _free_chunk_from_all(ctl_self, c, ar_p, me, P: tl.constexpr, NCHUNK: tl.cons
 # tiles: the index and row math the kernels share
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _kernel_setup(snap_ptr, P: tl.constexpr, CS, E, BLOCK_T: tl.constexpr, K_PAD: tl.constexpr,
+def _kernel_setup(snap_ptr, P: tl.constexpr, CS, E, K: tl.constexpr, BLOCK_T: tl.constexpr, K_PAD: tl.constexpr,
                   P_PAD: tl.constexpr, BLOCK_H: tl.constexpr):
-    """``(misc offset of snap, chunk tokens, ar_t, ar_k, ar_p, ar_h)`` every fused kernel starts from."""
+    """``(pid, misc offset of snap, chunk tokens, ar_t, ar_k, ar_p, ar_h, mk = ar_k < K)``: what
+    every fused kernel starts from."""
     misc = P * CS + E  # wire.SnapLayout.misc
     chunk_t = tl.load(snap_ptr + misc + SNAP_CHUNK_TOKENS)
-    return (misc, chunk_t, tl.arange(0, BLOCK_T), tl.arange(0, K_PAD), tl.arange(0, P_PAD),
-            tl.arange(0, BLOCK_H))
+    ar_k = tl.arange(0, K_PAD)
+    return (tl.program_id(0), misc, chunk_t, tl.arange(0, BLOCK_T), ar_k, tl.arange(0, P_PAD), tl.arange(0, BLOCK_H),
+            ar_k < K)
 
 
 @triton.jit
