@@ -4,9 +4,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sync import (CTL_WIDTH, SNAP_CHUNK_TOKENS, SNAP_MAX_TOKENS, _chunk_range, _free_chunk_from_all, _grad_rows,
-                   _kernel_setup, _num_chunks, _pick8_rt, _publish_chunk, _recv_item, _spin_until, _stage_tile,
-                   _token_tile, _wait_chunk_from_all, _wait_send_credits)
+from .sync import (CTL_WIDTH, SNAP_CHUNK_TOKENS, _chunk_range, _free_chunk_from_all, _grad_rows, _kernel_setup,
+                   _num_chunks, _pick8_rt, _publish_chunk, _recv_item, _recv_items, _spin_until, _stage_tile,
+                   _staged_meta, _staged_range, _token_tile, _wait_chunk_from_all, _wait_send_credits, _wait_staged)
 
 
 @triton.jit(do_not_specialize=["me", "N", "S", "S_rows", "n_send", "n_recv", "max_spins"])
@@ -48,27 +48,20 @@ def _combine_bwd_kernel(
                     _stage_tile(st0, st1, st2, st3, st4, st5, st6, st7, gt, slots2, ar_p, cols, mh, me, S, H, P)
                     dots = _grad_rows(gt.to(tl.float32), loc2, w2, ar_k, cols, mh, dots, gy_ptr, y_ptr, H, K)
                 tl.store(gw_ptr + tk[:, None] * K + ar_k[None, :], dots, mask=m2 & (loc2 >= 0))
-            tl.debug_barrier()
             _publish_chunk(sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7, me, c, P, NCHUNK)
     else:
-        rid = pid - n_send
-        max_n = tl.load(snap_ptr + misc + SNAP_MAX_TOKENS)
-        for item in range(rid, P * _num_chunks(max_n, chunk_t), n_recv):
+        for item in range(pid - n_send, _recv_items(snap_ptr, misc, chunk_t, P), n_recv):
             c, s, live = _recv_item(item, snap_ptr, me, CS, E, chunk_t, P)
             if live:
-                ctl = sc_self + (s * NCHUNK + c) * CTL_WIDTH
                 gctl = _pick8_rt(s, gc0, gc1, gc2, gc3, gc4, gc5, gc6, gc7) + (me * NCHUNK + c) * CTL_WIDTH
                 gbuf = _pick8_rt(s, gb0, gb1, gb2, gb3, gb4, gb5, gb6, gb7)
-                _spin_until(ctl, 1, status_ptr, max_spins)
+                ctl = _wait_staged(sc_self, s, c, status_ptr, max_spins, NCHUNK)
                 _spin_until(gctl, 0, status_ptr, max_spins)   # credit of s's gw slot for chunk c
                 tl.debug_barrier()
-                first = tl.load(recv_chunk_ptr + (s * NCHUNK + c) * 2)
-                cnt = tl.load(recv_chunk_ptr + (s * NCHUNK + c) * 2 + 1)
-                for j0 in range(first, first + cnt, BLOCK_T):
-                    j, mj, m2 = _token_tile(j0, first + cnt, ar_t, mk)
-                    rrow = (s * S_rows + j)[:, None] * K + ar_k[None, :]
-                    rows2 = tl.load(recv_rows_ptr + rrow, mask=m2, other=-1)
-                    w2 = tl.load(recv_w_ptr + rrow, mask=m2, other=0.0)
+                first, stop = _staged_range(recv_chunk_ptr, s, c, NCHUNK)
+                for j0 in range(first, stop, BLOCK_T):
+                    j, mj, m2 = _token_tile(j0, stop, ar_t, mk)
+                    rows2, w2 = _staged_meta(recv_rows_ptr, recv_w_ptr, s, S_rows, j, m2, ar_k, K, True)
                     dots = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
                     for h0 in range(0, H, BLOCK_H):
                         cols = h0 + ar_h

@@ -5,7 +5,8 @@ import triton
 import triton.language as tl
 
 from .sync import (CTL_WIDTH, ROW_NUM_TOKENS, SNAP_MAX_TOKENS, _col, _free_chunk_from_all, _kernel_setup, _num_chunks,
-                   _pick8, _recv_item, _token_tile, _wait_chunk_from_all, _wait_flags, _weighted_rows)
+                   _pick8, _recv_item, _staged_meta, _staged_range, _token_tile, _wait_chunk_from_all, _wait_flags,
+                   _weighted_rows)
 
 
 @triton.jit
@@ -20,16 +21,10 @@ def _reduce_chunk(
     ar_k = tl.arange(0, K_PAD)
     ar_h = tl.arange(0, BLOCK_H)
     mk = ar_k < K
-    first = tl.load(recv_chunk_ptr + (s * NCHUNK + c) * 2)
-    cnt = tl.load(recv_chunk_ptr + (s * NCHUNK + c) * 2 + 1)
-    for j0 in range(first, first + cnt, BLOCK_T):
-        j, mj, m2 = _token_tile(j0, first + cnt, ar_t, mk)
-        rrow = (s * S_rows + j)[:, None] * K + ar_k[None, :]
-        rows2 = tl.load(recv_rows_ptr + rrow, mask=m2, other=-1)
-        if USE_W:
-            w2 = tl.load(recv_w_ptr + rrow, mask=m2, other=0.0)
-        else:
-            w2 = tl.where(m2, 1.0, 0.0)
+    first, stop = _staged_range(recv_chunk_ptr, s, c, NCHUNK)
+    for j0 in range(first, stop, BLOCK_T):
+        j, mj, m2 = _token_tile(j0, stop, ar_t, mk)
+        rows2, w2 = _staged_meta(recv_rows_ptr, recv_w_ptr, s, S_rows, j, m2, ar_k, K, USE_W)
         for h0 in range(0, H, BLOCK_H):
             cols = h0 + ar_h
             mh = cols < H

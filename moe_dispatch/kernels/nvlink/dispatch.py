@@ -4,9 +4,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .sync import (CTL_COUNT, CTL_FIRST, CTL_WIDTH, SNAP_MAX_TOKENS, _BIG, _chunk_range, _col, _kernel_setup,
-                   _num_chunks, _pick8, _publish_chunk, _recv_item, _spin_until, _stage_tile, _token_tile,
-                   _wait_send_credits)
+from .sync import (CTL_COUNT, CTL_FIRST, CTL_WIDTH, _BIG, _chunk_range, _col, _kernel_setup, _pick8, _publish_chunk,
+                   _recv_item, _recv_items, _stage_tile, _token_tile, _wait_send_credits, _wait_staged)
 
 
 @triton.jit(do_not_specialize=["me", "N", "S", "S_rows", "row_limit", "n_send", "n_recv", "max_spins"])
@@ -81,17 +80,12 @@ def _dispatch_kernel(
                     first_r = tl.sum(tl.where(ar_p == r, first_v, 0), axis=0)
                     tl.store(ctl + CTL_FIRST, tl.where(cnt_r > 0, first_r, 0))
                     tl.store(ctl + CTL_COUNT, cnt_r)
-            tl.debug_barrier()
             _publish_chunk(sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7, me, c, P, NCHUNK)
     else:
-        rid = pid - n_send
-        max_n = tl.load(snap_ptr + misc + SNAP_MAX_TOKENS)
-        for item in range(rid, P * _num_chunks(max_n, chunk_t), n_recv):
+        for item in range(pid - n_send, _recv_items(snap_ptr, misc, chunk_t, P), n_recv):
             c, s, live = _recv_item(item, snap_ptr, me, CS, E, chunk_t, P)
             if live:
-                ctl = sc_self + (s * NCHUNK + c) * CTL_WIDTH
-                _spin_until(ctl, 1, status_ptr, max_spins)
-                tl.debug_barrier()
+                ctl = _wait_staged(sc_self, s, c, status_ptr, max_spins, NCHUNK)
                 first = tl.load(ctl + CTL_FIRST, cache_modifier=".cg")
                 cnt = tl.load(ctl + CTL_COUNT, cache_modifier=".cg")
                 tl.store(recv_chunk_ptr + (s * NCHUNK + c) * 2, first)

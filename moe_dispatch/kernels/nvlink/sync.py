@@ -9,19 +9,11 @@ from . import wire
 _BIG = tl.constexpr(2**30)  # > any slot index; a constexpr so kernels may read it
 
 # The wire format's field positions (wire.py) as compile-time constants the kernels can read.
-ROW_NUM_TOKENS = tl.constexpr(wire.ROW_NUM_TOKENS)
-ROW_BAD_IDS = tl.constexpr(wire.ROW_BAD_IDS)
-ROW_HIDDEN = tl.constexpr(wire.ROW_HIDDEN)
-ROW_DTYPE = tl.constexpr(wire.ROW_DTYPE)
-CTL_FLAG = tl.constexpr(wire.CTL_FLAG)
-CTL_FIRST = tl.constexpr(wire.CTL_FIRST)
-CTL_COUNT = tl.constexpr(wire.CTL_COUNT)
-CTL_WIDTH = tl.constexpr(wire.CTL_WIDTH)
-SNAP_ROWS_HERE = tl.constexpr(wire.SNAP_ROWS_HERE)
-SNAP_MAX_TOKENS = tl.constexpr(wire.SNAP_MAX_TOKENS)
-SNAP_CHUNK_TOKENS = tl.constexpr(wire.SNAP_CHUNK_TOKENS)
-SNAP_BAD_IDS = tl.constexpr(wire.SNAP_BAD_IDS)
-SNAP_STATUS = tl.constexpr(wire.SNAP_STATUS)
+ROW_NUM_TOKENS, ROW_BAD_IDS, ROW_HIDDEN, ROW_DTYPE = map(
+    tl.constexpr, (wire.ROW_NUM_TOKENS, wire.ROW_BAD_IDS, wire.ROW_HIDDEN, wire.ROW_DTYPE))
+CTL_FLAG, CTL_FIRST, CTL_COUNT, CTL_WIDTH = map(tl.constexpr, (wire.CTL_FLAG, wire.CTL_FIRST, wire.CTL_COUNT, wire.CTL_WIDTH))
+SNAP_ROWS_HERE, SNAP_MAX_TOKENS, SNAP_CHUNK_TOKENS, SNAP_BAD_IDS, SNAP_STATUS = map(
+    tl.constexpr, (wire.SNAP_ROWS_HERE, wire.SNAP_MAX_TOKENS, wire.SNAP_CHUNK_TOKENS, wire.SNAP_BAD_IDS, wire.SNAP_STATUS))
 
 
 @triton.jit
@@ -128,12 +120,48 @@ def _stage_tile(st0, st1, st2, st3, st4, st5, st6, st7, tile, slots2, ar_p, cols
 
 @triton.jit
 def _publish_chunk(c0, c1, c2, c3, c4, c5, c6, c7, me, c, P: tl.constexpr, NCHUNK: tl.constexpr):
-    """Send role, after ``bar.sync``: raise chunk ``c``'s flag at every remote receiver (release,
-    system scope), so its rows are visible before the flag."""
+    """Send role, once chunk ``c`` is written: ``bar.sync``, then raise its flag at every remote
+    receiver (release, system scope), so its rows are visible before the flag."""
+    tl.debug_barrier()
     for r in tl.static_range(P):
         if r != me:
             ctl = _pick8(r, c0, c1, c2, c3, c4, c5, c6, c7) + (me * NCHUNK + c) * CTL_WIDTH
             tl.atomic_xchg(ctl, 1, sem="release", scope="sys")
+
+
+@triton.jit
+def _recv_items(snap_ptr, misc, chunk_t, P: tl.constexpr):
+    """Work items of a receive role: P * the largest chunk count of any rank."""
+    return P * _num_chunks(tl.load(snap_ptr + misc + SNAP_MAX_TOKENS), chunk_t)
+
+
+@triton.jit
+def _wait_staged(ctl_self, s, c, status_ptr, max_spins, NCHUNK: tl.constexpr):
+    """Receive role: wait until rank ``s`` published chunk ``c`` here; ``bar.sync``; -> its ctl entry."""
+    ctl = ctl_self + (s * NCHUNK + c) * CTL_WIDTH
+    _spin_until(ctl, 1, status_ptr, max_spins)
+    tl.debug_barrier()
+    return ctl
+
+
+@triton.jit
+def _staged_range(recv_chunk_ptr, s, c, NCHUNK: tl.constexpr):
+    """Slots ``[first, stop)`` of chunk ``c`` that rank ``s`` staged here (from the handle's copy)."""
+    first = tl.load(recv_chunk_ptr + (s * NCHUNK + c) * 2)
+    return first, first + tl.load(recv_chunk_ptr + (s * NCHUNK + c) * 2 + 1)
+
+
+@triton.jit
+def _staged_meta(recv_rows_ptr, recv_w_ptr, s, S_rows, j, m2, ar_k, K: tl.constexpr, USE_W: tl.constexpr):
+    """``(rows [BLOCK_T, K_PAD], weights fp32)`` here of the tokens ``j`` rank ``s`` staged (weights
+    1 without ``USE_W``)."""
+    rrow = (s * S_rows + j)[:, None] * K + ar_k[None, :]
+    rows2 = tl.load(recv_rows_ptr + rrow, mask=m2, other=-1)
+    if USE_W:
+        w2 = tl.load(recv_w_ptr + rrow, mask=m2, other=0.0)
+    else:
+        w2 = tl.where(m2, 1.0, 0.0)
+    return rows2, w2
 
 
 @triton.jit
