@@ -132,17 +132,9 @@ class NVLinkTokenDispatcher(DispatcherBase):
             slots than int32 holds. All checked here, before any buffer is allocated.
     """
 
-    def __init__(
-        self,
-        num_experts: int,
-        num_local_experts: int,
-        hidden_size: int,
-        ep_size: int = 1,
-        permute_backend: str = "auto",
-        *,
-        max_tokens_per_rank: int | None = None,
-        dropless: bool | None = None,
-    ) -> None:
+    def __init__(self, num_experts: int, num_local_experts: int, hidden_size: int, ep_size: int = 1,
+                 permute_backend: str = "auto", *, max_tokens_per_rank: int | None = None,
+                 dropless: bool | None = None) -> None:
         self._init_common(num_experts, num_local_experts, hidden_size, ep_size, permute_backend)
         if ep_size > MAX_PEERS:
             raise ValueError(f"ep_size must be at most {MAX_PEERS} for NVLinkTokenDispatcher (the GPUs of one node), "

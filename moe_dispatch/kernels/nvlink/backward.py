@@ -27,8 +27,7 @@ def _combine_bwd_kernel(
     once to every remote destination (stage channel). Receive role, per staged chunk: ``gy`` of
     the local rows, and the K dot products sent back into the source's gw buffer (gw channel);
     ``gather_weight_grads`` then reads them into ``gw``."""
-    pid, misc, chunk_t, ar_t, ar_k, ar_p, ar_h, mk = _kernel_setup(snap_ptr, P, CS, E, K, BLOCK_T, K_PAD, P_PAD,
-                                                                   BLOCK_H)
+    pid, misc, chunk_t, ar_t, ar_k, ar_p, ar_h, mk = _kernel_setup(snap_ptr, P, CS, E, K, BLOCK_T, K_PAD, P_PAD, BLOCK_H)
     if pid < n_send:
         nch = _wait_send_credits(sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7, me, pid, N, chunk_t, n_send, status_ptr,
                                  max_spins, P, NCHUNK, BLOCK_C)
@@ -93,8 +92,7 @@ def _gather_gw_kernel(
     ar_k = tl.arange(0, K_PAD)
     ar_p = tl.arange(0, P_PAD)
     mk = ar_k < K
-    nch = _num_chunks(N, chunk_t)
-    for c in range(pid, nch, nprog):
+    for c in range(pid, _num_chunks(N, chunk_t), nprog):
         t_lo, t_hi = _wait_chunk_from_all(gc_self, c, chunk_t, N, ar_p, me, status_ptr, max_spins, P, NCHUNK)
         for t0 in range(t_lo, t_hi, BLOCK_T):
             tk, mt, m2 = _token_tile(t0, t_hi, ar_t, mk)

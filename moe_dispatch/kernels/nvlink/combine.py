@@ -51,8 +51,7 @@ def _combine_kernel(
     over this rank's slots of each staged token, rounded to out's dtype, into s's comb buffer at
     ``[me, j]``. Receive role, per chunk of own tokens: the local slots' sum, then (after the
     chunk's flags from every other rank) plus the partial sums the other ranks sent back."""
-    pid, misc, chunk_t, ar_t, ar_k, ar_p, ar_h, mk = _kernel_setup(snap_ptr, P, CS, E, K, BLOCK_T, K_PAD, P_PAD,
-                                                                   BLOCK_H)
+    pid, misc, chunk_t, ar_t, ar_k, ar_p, ar_h, mk = _kernel_setup(snap_ptr, P, CS, E, K, BLOCK_T, K_PAD, P_PAD, BLOCK_H)
     if pid < n_send:
         max_n = tl.load(snap_ptr + misc + SNAP_MAX_TOKENS)
         nch_max = _num_chunks(max_n, chunk_t)
@@ -80,9 +79,7 @@ def _combine_kernel(
                             _pick8(sr, cc0, cc1, cc2, cc3, cc4, cc5, cc6, cc7) + (me * NCHUNK + c) * CTL_WIDTH,
                             sr, c, H, me, S, S_rows, K, K_PAD, NCHUNK, BLOCK_T, BLOCK_H, USE_W)
     else:
-        rid = pid - n_send
-        nch = _num_chunks(N, chunk_t)
-        for c in range(rid, nch, n_recv):
+        for c in range(pid - n_send, _num_chunks(N, chunk_t), n_recv):
             t_lo, t_hi = _wait_chunk_from_all(cc_self, c, chunk_t, N, ar_p, me, status_ptr, max_spins, P, NCHUNK)
             for t0 in range(t_lo, t_hi, BLOCK_T):
                 tk, mt, m2 = _token_tile(t0, t_hi, ar_t, mk)

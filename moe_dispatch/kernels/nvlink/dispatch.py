@@ -26,8 +26,7 @@ def _dispatch_kernel(
     then publish the chunk. Receive role: per (chunk, source), wait for the chunk, copy its
     meta into ``recv_rows``/``recv_w``/``recv_chunk`` (combine needs them after the staging
     buffers are reused) and each staged row into its rows of ``out``, then free the chunk."""
-    pid, misc, chunk_t, ar_t, ar_k, ar_p, ar_h, mk = _kernel_setup(snap_ptr, P, CS, E, K, BLOCK_T, K_PAD, P_PAD,
-                                                                   BLOCK_H)
+    pid, misc, chunk_t, ar_t, ar_k, ar_p, ar_h, mk = _kernel_setup(snap_ptr, P, CS, E, K, BLOCK_T, K_PAD, P_PAD, BLOCK_H)
     if pid < n_send:
         nch = _wait_send_credits(sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7, me, pid, N, chunk_t, n_send, status_ptr,
                                  max_spins, P, NCHUNK, BLOCK_C)
