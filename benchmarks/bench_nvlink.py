@@ -16,7 +16,7 @@ In one run, on the same GPUs:
   a time is the slowest rank's median.
 * Capacity mode captured in CUDA graphs (one for dispatch, one for combine) at every T: kernel time.
 
-Lower bound (``/work/shared/ANCHORS.md``): bytes that must cross NVLink, i.e. each token once per
+Lower bound: bytes that must cross NVLink, i.e. each token once per
 remote rank that holds one of its experts, ``* H * 2`` bytes, over the measured one-direction
 P2P bandwidth, for the rank that sends the most. Combine moves the same bytes back.
 "GB/s" = that rank's remote bytes / time. Rank 0 prints the table.

@@ -76,3 +76,10 @@ def check_expert_output(expert_output: torch.Tensor, num_rows: int, hidden_size:
     if expert_output.dim() != 2 or tuple(expert_output.shape) != (num_rows, hidden_size):
         raise ValueError(f"expert_output must be [R={num_rows}, H={hidden_size}] (R from the handle), "
                          f"got {tuple(expert_output.shape)}")
+
+
+def describe(x) -> str:
+    """``"<dtype> tensor of shape (..)"`` for a tensor, else the type's name (for error messages)."""
+    if isinstance(x, torch.Tensor):
+        return f"{x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__

@@ -29,7 +29,7 @@ loop        one ``F.linear`` pair per expert (the reference)     any device and 
 ==========  ===================================================  ===========================
 
 ``"auto"`` picks ``grouped_mm`` on CUDA for bf16 inputs when it can run there, else ``loop``
-(decided per call from the input). This module imports nothing else of the package.
+(decided per call from the input). This module imports only :mod:`moe_dispatch._optional` of the package.
 
 Expert parallelism may turn both stacked weights into DTensor parameters (``Shard(0)`` over the
 EP mesh, see ``moe_dispatch.models.mixtral.parallel``); every backend then computes on the local
@@ -37,12 +37,13 @@ shard (``to_local()``, differentiable: the gradient comes back as a ``Shard(0)``
 """
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ._optional import import_transformer_engine  # re-exported: models import it from here
 
 __all__ = ["SwiGLUExperts", "EXPERT_BACKENDS", "ACTIVATIONS", "resolve_expert_backend", "import_transformer_engine"]
 
@@ -68,20 +69,6 @@ ACTIVATIONS = {
     "tanh": torch.tanh,
     "sigmoid": torch.sigmoid,
 }
-
-_TE_INSTALL_HINT = 'pip install "moe_dispatch[te]" (or transformer-engine[pytorch])'
-
-
-def import_transformer_engine():
-    """``transformer_engine.pytorch``, imported lazily.
-
-    Raises:
-        ImportError: TransformerEngine is not installed (with how to install it).
-    """
-    try:
-        return importlib.import_module("transformer_engine.pytorch")
-    except ImportError as err:
-        raise ImportError(f"this feature needs TransformerEngine: {_TE_INSTALL_HINT}; import failed: {err}") from err
 
 
 def _grouped_mm_why_unavailable(x: torch.Tensor, hidden_size: int, intermediate_size: int) -> str | None:

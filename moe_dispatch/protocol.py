@@ -50,7 +50,8 @@ class TokenDispatcher(Protocol):
     ``combine(dispatch(x, e, w).expert_input mapped row-wise by f, handle)[n]``
     equals ``sum_k w[n, k] * f_{e[n, k]}(x[n])``, with ``e[n, k] == -1`` contributing zero.
 
-    Dispatchers are plain objects (no parameters). A dispatcher keeps no per-step state:
+    Dispatchers are plain objects (no parameters), bound to a group after construction
+    (``set_ep_group``) and freed with ``close()``. A dispatcher keeps no per-step state:
     everything ``combine`` needs travels in the handle, so several micro-batches may be in
     flight at once.
     """
@@ -90,5 +91,15 @@ class TokenDispatcher(Protocol):
         ...
 
     def set_ep_group(self, group: Any) -> None:
-        """Bind to an expert-parallel ``ProcessGroup`` (``None``: single rank, no communication)."""
+        """Bind to an expert-parallel ``ProcessGroup`` (``None``: single rank, no communication).
+
+        One verb family binds groups across the package: ``set_ep_group`` on a dispatcher and on
+        ``TopKRouter``; ``set_ep_groups`` on a model binds all its dispatchers and routers.
+        """
+        ...
+
+    def close(self) -> None:
+        """Free what the dispatcher holds (buffers, communicators); a no-op where it holds nothing.
+        Handles of earlier dispatches cannot be combined afterwards. Every dispatcher is also a
+        context manager: ``with Dispatcher(...) as d:`` calls ``close()`` on the way out."""
         ...

@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moe_dispatch.routing_maps import (
+from moe_dispatch.dispatchers.deepep.routing_maps import (
     _indices_to_multihot_op,
     _multihot_probs_backward_op,
     indices_to_multihot,

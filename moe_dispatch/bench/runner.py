@@ -7,7 +7,8 @@ percentage of the limit measured in the same run (GPU: the P2P copy bandwidth be
 CPU: this machine's memory copy bandwidth, for reference only).
 
 "Remote bytes" counts each token once per *other* rank that holds one of its experts: the least
-any dispatcher must move (the lower bound in ../shared/ANCHORS.md), so the percentage is
+any dispatcher must move (the lower bound of a dispatch is those bytes over the P2P bandwidth
+measured in the same run), so the percentage is
 ``lower bound / measured time``.
 """
 from __future__ import annotations

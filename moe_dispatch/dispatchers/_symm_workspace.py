@@ -4,7 +4,8 @@ how they are laid out, and how a rank sees its peers' copies.
 Every rank holds two regions of the same layout (see ``_meta_layout`` / ``_data_layout``):
 
 * **meta** (allocated once, small): ``counts [P, CS]`` int32, ``count_flags [P]`` int32 and three
-  control channels ``ctl_<stage|comb|gw> [P, C, 4]`` int32 (C = ``NCHUNK``). Flags start at 0
+  control channels ``ctl_<stage|comb|gw> [P, C, 4]`` int32 (C = ``NCHUNK``); the fields of each
+  are in :mod:`moe_dispatch.kernels.nvlink.wire`. Flags start at 0
   and the protocol returns them to 0 after every operation, so meta is zeroed only once.
 * **data** (grown on demand): ``stage [P, S, row_bytes]``, ``comb [P, S, row_bytes]``,
   ``stage_meta [P, S, 2K]`` int32 and ``gw [P, S, K]`` fp32, S = tokens per source.
@@ -27,9 +28,10 @@ from typing import Any
 
 import torch
 
+from ..kernels.nvlink.wire import CTL_WIDTH, NCHUNK, counts_stride
+
 __all__ = ["NCHUNK", "WorkspaceView", "SymmetricWorkspace", "SimulatedWorkspace", "check_peer_access"]
 
-NCHUNK = 1024  # chunk slots per (source, channel); chunk_target of the dispatcher must not exceed it
 _ALIGN = 256   # byte alignment of every region (16-byte vector access, any dtype view)
 _CHANNELS = ("stage", "comb", "gw")
 
@@ -38,16 +40,11 @@ def _align(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def _counts_stride(num_experts: int, world_size: int) -> int:
-    # must match moe_dispatch.kernels.nvlink.counts_stride (not imported: kernels need triton)
-    return num_experts + world_size + 4
-
-
 def _meta_layout(world_size: int, num_experts: int, nchunk: int) -> tuple[dict[str, tuple[int, tuple, torch.dtype]], int]:
     """name -> (byte offset, shape, dtype), and the total size in bytes."""
     p = world_size
-    entries = [("counts", (p, _counts_stride(num_experts, p)), torch.int32), ("count_flags", (p,), torch.int32)]
-    entries += [(f"ctl_{c}", (p, nchunk, 4), torch.int32) for c in _CHANNELS]
+    entries = [("counts", (p, counts_stride(num_experts, p)), torch.int32), ("count_flags", (p,), torch.int32)]
+    entries += [(f"ctl_{c}", (p, nchunk, CTL_WIDTH), torch.int32) for c in _CHANNELS]
     return _place(entries)
 
 

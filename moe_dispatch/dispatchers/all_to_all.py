@@ -21,12 +21,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .._checks import check_expert_output, check_routing, expert_ids_out_of_range
+from .._checks import check_expert_output, expert_ids_out_of_range
 from ..distributed import all_gather_rows, all_to_all, collective_device, group_rank
-from ..permute import BACKENDS as PERMUTE_BACKENDS
 from ..permute import backend_module, count_tokens_per_expert, resolve_backend
+from ..permute.reference import exclusive_cumsum
 from ..protocol import DispatchOutput
-from ._common import CODE_DTYPES, DTYPE_CODES, check_group_agreement, check_sizes
+from ._base import DTYPE_CODES, DispatcherBase, raise_on_bad_ranks
 
 __all__ = ["AllToAllTokenDispatcher", "AllToAllHandle"]
 
@@ -58,10 +58,6 @@ class AllToAllHandle:
     permute_backend: str
 
 
-def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
-    return torch.cumsum(x, 0) - x
-
-
 def chunk_transpose_index(counts: torch.Tensor, total: int) -> torch.Tensor:
     """Gather index that turns rows laid out as chunks ``(a, b)`` (a-major) into ``(b, a)`` order.
 
@@ -75,13 +71,13 @@ def chunk_transpose_index(counts: torch.Tensor, total: int) -> torch.Tensor:
     Example: counts ``[[1, 2], [3, 0]]`` (rows ``a0b0 | a0b1 a0b1 | a1b0 a1b0 a1b0``) ->
     index ``[0, 3, 4, 5, 1, 2]``.
     """
-    src_start = _exclusive_cumsum(counts.reshape(-1)).view_as(counts)
+    src_start = exclusive_cumsum(counts.reshape(-1)).view_as(counts)
     lengths = counts.t().reshape(-1)
-    shift = src_start.t().reshape(-1) - _exclusive_cumsum(lengths)
+    shift = src_start.t().reshape(-1) - exclusive_cumsum(lengths)
     return torch.repeat_interleave(shift, lengths, output_size=total) + torch.arange(total, device=counts.device)
 
 
-class AllToAllTokenDispatcher:
+class AllToAllTokenDispatcher(DispatcherBase):
     """Token dispatcher on ``torch.distributed.all_to_all_single`` and the permute kernels.
 
     Args:
@@ -104,16 +100,7 @@ class AllToAllTokenDispatcher:
         ep_size: int = 1,
         permute_backend: str = "auto",
     ) -> None:
-        check_sizes(num_experts, num_local_experts, hidden_size, ep_size)
-        if permute_backend != "auto" and permute_backend not in PERMUTE_BACKENDS:
-            raise ValueError(f"permute_backend must be one of {('auto',) + PERMUTE_BACKENDS}, got {permute_backend!r}")
-        self.num_experts, self.num_local_experts = num_experts, num_local_experts
-        self.hidden_size, self.ep_size, self.permute_backend = hidden_size, ep_size, permute_backend
-        self._group = None
-
-    def __repr__(self) -> str:
-        return (f"AllToAllTokenDispatcher(num_experts={self.num_experts}, num_local_experts={self.num_local_experts}, "
-                f"hidden_size={self.hidden_size}, ep_size={self.ep_size}, permute_backend={self.permute_backend!r})")
+        self._init_common(num_experts, num_local_experts, hidden_size, ep_size, permute_backend)
 
     # --- protocol -----------------------------------------------------------------------------
     def set_ep_group(self, group) -> None:
@@ -122,26 +109,13 @@ class AllToAllTokenDispatcher:
         Every rank checks, with one small all-gather, that all ranks agree on the number of
         experts, local experts, hidden size and EP size; on disagreement all raise ValueError.
         """
-        if group is None:
-            if self.ep_size != 1:
-                raise ValueError(f"group must be a ProcessGroup of {self.ep_size} ranks for ep_size={self.ep_size}, got None")
-            self._group = None
-            return
-        check_group_agreement(group, self.ep_size, {
-            "num_experts": self.num_experts, "num_local_experts": self.num_local_experts,
-            "hidden_size": self.hidden_size, "ep_size": self.ep_size,
-        })
-        self._group = group
+        self._group = group if self._check_group(group) else None
 
     def dispatch(
         self, hidden_states: torch.Tensor, selected_experts: torch.Tensor, routing_weights: torch.Tensor
     ) -> DispatchOutput:
         """See :meth:`moe_dispatch.TokenDispatcher.dispatch`. One host sync (the counts)."""
-        check_routing(hidden_states, selected_experts, routing_weights, hidden_size=self.hidden_size)
-        if hidden_states.dtype not in DTYPE_CODES:
-            raise TypeError(f"hidden_states dtype must be one of {list(DTYPE_CODES)}, got {hidden_states.dtype}")
-        if self.ep_size > 1 and self._group is None:
-            raise RuntimeError(f"ep_size={self.ep_size}: call set_ep_group(group) before dispatch")
+        self._check_dispatch_args(hidden_states, selected_experts, routing_weights)
         backend = resolve_backend(self.permute_backend, hidden_states.device)
         counts_all, counts_host = self._exchange_counts(hidden_states, selected_experts)
         rank = group_rank(self._group)
@@ -192,17 +166,9 @@ class AllToAllTokenDispatcher:
         else:
             table = all_gather_rows(row.to(collective_device(self._group)), self._group)
         host = table.cpu()  # host sync: the split sizes of the token exchange
-        self._raise_on_bad_ranks(host[:, self.num_experts:], hidden_states)
+        bad_ids, sizes, codes = host[:, self.num_experts:].t().tolist()
+        raise_on_bad_ranks(self.num_experts, bad_ids, sizes, codes)
         return table[:, : self.num_experts], host[:, : self.num_experts]
-
-    def _raise_on_bad_ranks(self, meta: torch.Tensor, hidden_states: torch.Tensor) -> None:
-        bad = [r for r, n in enumerate(meta[:, 0].tolist()) if n]
-        if bad:
-            raise ValueError(f"selected_experts must be in [-1, {self.num_experts}); rank(s) {bad} passed ids outside it")
-        sizes, codes = meta[:, 1].tolist(), meta[:, 2].tolist()
-        if len(set(sizes)) > 1 or len(set(codes)) > 1:
-            dtypes = [str(CODE_DTYPES[c]) for c in codes]
-            raise ValueError(f"EP ranks disagree on hidden_states: hidden sizes {sizes}, dtypes {dtypes}")
 
     def _exchange_tokens(self, rows: torch.Tensor, output_splits, input_splits, group=None) -> torch.Tensor:
         group = self._group if group is None else group

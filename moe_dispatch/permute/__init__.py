@@ -22,7 +22,7 @@ from types import ModuleType
 
 import torch
 
-from .._checks import check_expert_ids_range, check_routing
+from .._checks import check_expert_ids_range, check_routing, describe
 
 __all__ = ["permute", "permute_with_probs", "unpermute", "count_tokens_per_expert", "resolve_backend", "backend_module", "BACKENDS"]
 
@@ -157,9 +157,9 @@ def unpermute(
         ``[N, H]`` in ``permuted``'s dtype.
     """
     if not isinstance(permuted, torch.Tensor) or permuted.dim() != 2:
-        raise ValueError(f"permuted must be a 2-D tensor [M, H], got {_describe(permuted)}")
+        raise ValueError(f"permuted must be a 2-D tensor [M, H], got {describe(permuted)}")
     if not isinstance(row_id_map, torch.Tensor) or row_id_map.dim() != 2 or row_id_map.dtype != torch.int64:
-        raise ValueError(f"row_id_map must be an int64 tensor [N, K] from permute, got {_describe(row_id_map)}")
+        raise ValueError(f"row_id_map must be an int64 tensor [N, K] from permute, got {describe(row_id_map)}")
     if merging_probs is not None:
         if not torch.is_floating_point(merging_probs):
             raise TypeError(f"merging_probs must be floating point, got {merging_probs.dtype}")
@@ -167,9 +167,3 @@ def unpermute(
             raise ValueError(f"merging_probs must have row_id_map's shape {tuple(row_id_map.shape)}, got {tuple(merging_probs.shape)}")
     name = resolve_backend(backend, permuted.device)
     return backend_module(name).unpermute(permuted, row_id_map, merging_probs)
-
-
-def _describe(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"{x.dtype} tensor of shape {tuple(x.shape)}"
-    return type(x).__name__

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["make_row_id_map", "permute_rows", "permute_slot_values", "unpermute_rows"]
+__all__ = ["exclusive_cumsum", "make_row_id_map", "permute_rows", "permute_slot_values", "unpermute_rows"]
 
 
-def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
+def exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
+    """``[x0, x1, x2] -> [0, x0, x0 + x1]`` along dim 0 (start offsets from counts)."""
     return torch.cumsum(x, 0) - x
 
 
@@ -47,8 +48,8 @@ def make_row_id_map(
     counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device).scatter_add_(0, key, torch.ones_like(key))
     padded = (counts + align_size - 1) // align_size * align_size
     padded[num_experts] = 0
-    starts = _exclusive_cumsum(counts)
-    padded_starts = _exclusive_cumsum(padded)
+    starts = exclusive_cumsum(counts)
+    padded_starts = exclusive_cumsum(padded)
     if num_out_rows is None:
         num_out_rows = int(padded.sum())  # host sync: output size depends on the routing
     order = torch.argsort(key, stable=True)

@@ -12,17 +12,12 @@ from __future__ import annotations
 
 import torch
 
+from .._optional import import_transformer_engine
 from . import reference
-
-_INSTALL = 'TransformerEngine is not installed: pip install "moe_dispatch[te]" (transformer-engine[pytorch])'
 
 
 def _te():
-    try:
-        import transformer_engine.pytorch as te
-    except ImportError as exc:  # pragma: no cover - depends on the machine
-        raise ImportError(_INSTALL) from exc
-    return te
+    return import_transformer_engine()  # ImportError with the install hint
 
 
 def why_unavailable(device: torch.device) -> str:

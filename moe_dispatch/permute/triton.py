@@ -14,14 +14,15 @@ Triton is imported lazily: importing this module needs only torch. The kernels l
 
 Same ``row_id_map`` format as :mod:`moe_dispatch.permute.reference`, bit-identical to it.
 """
-import os
 from typing import Optional
 
 import torch
 
+from .._optional import TRITON_INSTALL_HINT, triton_interpreting
+
 __all__ = ["is_available", "why_unavailable", "permute", "unpermute"]
 
-_INSTALL = "triton is not importable: pip install triton (it ships with CUDA builds of torch)"
+_INSTALL = f"triton is not importable: {TRITON_INSTALL_HINT}"
 
 
 def _kernels():
@@ -39,7 +40,7 @@ def why_unavailable(device: torch.device) -> str:
         if not torch.cuda.is_available():
             return "CUDA is not available"
     elif device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") != "1":
+        if not triton_interpreting():
             return "on CPU the triton backend runs only under Triton's interpreter: set TRITON_INTERPRET=1 before importing triton"
     else:
         return f"the triton backend runs on CUDA (or CPU under TRITON_INTERPRET=1), not on {device.type}"

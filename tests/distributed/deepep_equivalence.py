@@ -25,7 +25,6 @@ intermittent corruption more than one chance to show.
 """
 from __future__ import annotations
 
-import datetime
 import os
 import sys
 import traceback
@@ -36,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from tests.distributed.ep_cases import Case, apply_local_experts, make_inputs, run_case  # noqa: E402
+from tests.distributed.ep_cases import (Case, apply_local_experts, init_torchrun_nccl, make_inputs,  # noqa: E402
+                                        run_case)
 
 TOL = 1e-2
 REPEATS = int(os.environ.get("DEEPEP_EQUIVALENCE_REPEATS", "2"))
@@ -118,12 +118,7 @@ def compare_with_all_to_all(case: Case, rank: int, world_size: int, group, devic
 
 
 def main() -> int:
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl", timeout=datetime.timedelta(minutes=5))
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    group = dist.group.WORLD
-    device = torch.device("cuda", local_rank)
+    rank, world_size, group, device = init_torchrun_nccl()
     failures: list[str] = []
     checks = 0
     try:

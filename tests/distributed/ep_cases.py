@@ -167,3 +167,18 @@ def standard_cases(world_size: int, seed: int = 0) -> list[Case]:
         Case(world_size, 8, world_size, n, "random", seed + 6),  # top-k = num_experts, L = 1
         Case(2 * world_size, 8, 1, [0] * world_size, "random", seed + 7),  # no tokens anywhere
     ]
+
+
+def init_torchrun_nccl():
+    """For the scripts torchrun runs: this rank's GPU and an NCCL WORLD group (5 min timeout).
+
+    Returns ``(rank, world_size, group, device)``."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl", timeout=datetime.timedelta(minutes=5))
+    return dist.get_rank(), dist.get_world_size(), dist.group.WORLD, torch.device("cuda", local_rank)

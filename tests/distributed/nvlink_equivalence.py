@@ -23,8 +23,6 @@ every rank exits non-zero on failure.
 """
 from __future__ import annotations
 
-import datetime
-import os
 import sys
 import time
 import traceback
@@ -35,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from tests.distributed.ep_cases import Case, make_routings, run_case  # noqa: E402
+from tests.distributed.ep_cases import Case, init_torchrun_nccl, make_routings, run_case  # noqa: E402
 
 TOL_BF16 = 1e-2
 
@@ -298,12 +296,7 @@ def check_cuda_graph(rank, P, group, device):
 
 
 def main() -> int:
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl", timeout=datetime.timedelta(minutes=5))
-    rank, P = dist.get_rank(), dist.get_world_size()
-    group = dist.group.WORLD
-    device = torch.device("cuda", local_rank)
+    rank, P, group, device = init_torchrun_nccl()
     results: list[tuple[str, list[str], float]] = []
     nv_cache, a2a_cache = {}, {}
 

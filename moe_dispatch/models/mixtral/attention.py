@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_dispatch.experts import import_transformer_engine
+from moe_dispatch._optional import import_transformer_engine
 
 from .._cache import kv_positions
 

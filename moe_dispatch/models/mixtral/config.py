@@ -4,6 +4,8 @@ from __future__ import annotations
 from transformers import MixtralConfig
 
 from moe_dispatch.experts import ACTIVATIONS
+from moe_dispatch.experts import EXPERT_BACKENDS as _EXPERT_BACKENDS  # the canonical backend lists
+from moe_dispatch.permute import BACKENDS as _PERMUTE_BACKENDS
 
 __all__ = ["NVMixtralConfig", "LAYER_PRECISIONS", "ATTN_INPUT_FORMATS", "SELF_ATTN_MASK_TYPES",
            "EXPERT_BACKENDS", "PERMUTE_BACKENDS", "ATTN_BACKENDS", "MOE_AUX_LOSS_TYPES", "NV_FIELDS"]
@@ -11,8 +13,8 @@ __all__ = ["NVMixtralConfig", "LAYER_PRECISIONS", "ATTN_INPUT_FORMATS", "SELF_AT
 LAYER_PRECISIONS = ("fp8", "fp4", None)
 ATTN_INPUT_FORMATS = ("bshd", "thd")
 SELF_ATTN_MASK_TYPES = ("causal", "padding_causal")
-EXPERT_BACKENDS = ("auto", "grouped_mm", "te", "loop")
-PERMUTE_BACKENDS = ("auto", "torch", "triton", "te")
+EXPERT_BACKENDS = ("auto",) + _EXPERT_BACKENDS
+PERMUTE_BACKENDS = ("auto",) + _PERMUTE_BACKENDS
 ATTN_BACKENDS = ("auto", "sdpa", "te")
 MOE_AUX_LOSS_TYPES = ("global", "per_layer")
 

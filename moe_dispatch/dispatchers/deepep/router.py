@@ -43,7 +43,7 @@ index, k) order. (Verified for intranode only; the internode kernels are not che
 
 ``FusedTokenRouter.routing_map(handle)`` turns the received local ids and weights into the
 multi-hot ``routing_map [R_tok, L]`` and ``dense_probs [R_tok, L]`` that mask-based consumers
-want (the Triton converter of :mod:`moe_dispatch.routing_maps`). Dispatch and combine do not
+want (the Triton converter of :mod:`moe_dispatch.dispatchers.deepep.routing_maps`). Dispatch and combine do not
 need it: the index-based ``row_id_map`` and the ``[R_tok, K]`` weights are exact even for repeated
 ids and save two ``[R_tok, L]`` passes.
 
@@ -53,28 +53,26 @@ tokens of their local experts).
 """
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-# ``from .. import permute`` would give the function the package re-exports, not the module.
-from ..permute import BACKENDS as _PERMUTE_BACKENDS
-from ..permute import backend_module as _permute_module
-from ..permute import count_tokens_per_expert, resolve_backend
-from .._checks import check_expert_ids_range, check_expert_output, check_routing
-from ..distributed import group_size
-from ..protocol import DispatchOutput
-from ..routing_maps import indices_to_multihot
-from ._common import check_group_agreement, check_sizes
+from ..._checks import check_expert_ids_range, check_expert_output, check_routing
+from ..._optional import DEEP_EP_INSTALL_HINT, import_deep_ep
+from ...distributed import group_size
+from ...permute import backend_module as _permute_module
+from ...permute import count_tokens_per_expert, resolve_backend
+from ...protocol import DispatchOutput
+from .._base import DispatcherBase
+from .routing_maps import indices_to_multihot
 
-__all__ = ["FusedTokenRouter", "FusedRouterHandle", "SMS_ENV_VAR", "DEFAULT_NUM_SMS"]
+__all__ = ["FusedTokenRouter", "DeepEPTokenDispatcher", "FusedRouterHandle", "SMS_ENV_VAR", "DEFAULT_NUM_SMS"]
 
 SMS_ENV_VAR = "MOE_DISPATCH_DEEPEP_SMS"
 DEFAULT_NUM_SMS = 20
-_INSTALL_HINT = "run `bash install_hybridep.sh` from the moe_dispatch repository root (`--help` lists its options)"
+_INSTALL_HINT = DEEP_EP_INSTALL_HINT
 
 # Limits of DeepEP v1.2.1's intranode normal kernels, checked here because DeepEP checks them with
 # device-side traps (a dead CUDA context and hung peers) or not at all:
@@ -91,14 +89,6 @@ _COMBINE_ALIGN = 32 * 16 // _TRANSPORT_DTYPE.itemsize
 def _combine_width(hidden_size: int) -> int:
     """Row width (elements) of the rows DeepEP combines for ``hidden_size``."""
     return -(-hidden_size // _COMBINE_ALIGN) * _COMBINE_ALIGN
-
-
-def _import_deep_ep():
-    try:
-        return importlib.import_module("deep_ep")
-    except ImportError as exc:
-        raise ImportError(f"FusedTokenRouter needs DeepEP (the `deep_ep` package), which failed to import: {exc}. "
-                          f"To build and install it for this machine, {_INSTALL_HINT}.") from exc
 
 
 def _resolve_num_sms(num_sms: int | None) -> int:
@@ -229,7 +219,7 @@ class _DeepEPCombine(torch.autograd.Function):
 _MAX_NVL_PEERS = 8  # DeepEP's NUM_MAX_NVL_PEERS: ranks of one NVLink domain
 
 
-class FusedTokenRouter:
+class FusedTokenRouter(DispatcherBase):
     """Token dispatcher on DeepEP's normal-mode kernels (NVLink within a node).
 
     Args:
@@ -266,7 +256,7 @@ class FusedTokenRouter:
         num_sms: int | None = None,
         permute_backend: str = "auto",
     ) -> None:
-        check_sizes(num_experts, num_local_experts, hidden_size, ep_size)
+        self._init_common(num_experts, num_local_experts, hidden_size, ep_size, permute_backend)
         if num_local_experts > _MAX_LOCAL_EXPERTS:
             raise ValueError(f"num_local_experts must be <= {_MAX_LOCAL_EXPERTS} for DeepEP's intranode kernels, "
                              f"got {num_local_experts}")
@@ -274,19 +264,14 @@ class FusedTokenRouter:
         if row_bytes % (2 * _ROW_ALIGN) or row_bytes > _MAX_ROW_BYTES:
             raise ValueError(f"hidden_size must be a multiple of 16 and at most {_MAX_ROW_BYTES // _TRANSPORT_DTYPE.itemsize} "
                              f"for DeepEP's bf16 rows, got {hidden_size}")
-        if permute_backend != "auto" and permute_backend not in _PERMUTE_BACKENDS:
-            raise ValueError(f"permute_backend must be one of {('auto',) + _PERMUTE_BACKENDS}, got {permute_backend!r}")
-        self.num_experts, self.num_local_experts = num_experts, num_local_experts
-        self.hidden_size, self.ep_size, self.permute_backend = hidden_size, ep_size, permute_backend
         self.num_sms = _resolve_num_sms(num_sms)
-        self._deep_ep = _import_deep_ep()
-        self._group = None
+        self._deep_ep = import_deep_ep()
         self._comm: _DeepEPComm | None = None
 
-    def __repr__(self) -> str:
-        return (f"FusedTokenRouter(num_experts={self.num_experts}, num_local_experts={self.num_local_experts}, "
-                f"hidden_size={self.hidden_size}, ep_size={self.ep_size}, num_sms={self.num_sms}, "
-                f"permute_backend={self.permute_backend!r})")
+    _repr_fields = ("num_experts", "num_local_experts", "hidden_size", "ep_size", "num_sms", "permute_backend")
+
+    def _agreement_fields(self) -> dict[str, int]:
+        return {**super()._agreement_fields(), "num_sms": self.num_sms}
 
     # --- protocol -----------------------------------------------------------------------------
     def set_ep_group(self, group) -> None:
@@ -297,16 +282,10 @@ class FusedTokenRouter:
         the group already bound keeps its buffer. ``None`` (only for ``ep_size == 1``): run
         locally, without DeepEP.
         """
-        if group is None:
-            if self.ep_size != 1:
-                raise ValueError(f"group must be a ProcessGroup of {self.ep_size} ranks for ep_size={self.ep_size}, got None")
+        if not self._check_group(group):
             self.close()
             self._group = None
             return
-        check_group_agreement(group, self.ep_size, {
-            "num_experts": self.num_experts, "num_local_experts": self.num_local_experts,
-            "hidden_size": self.hidden_size, "ep_size": self.ep_size, "num_sms": self.num_sms,
-        })
         hidden_bytes = self.hidden_size * _TRANSPORT_DTYPE.itemsize
         comm = self._comm
         if comm is None or comm.group is not group or comm.hidden_bytes != hidden_bytes:
@@ -330,9 +309,9 @@ class FusedTokenRouter:
         counts (locally, without a group: the row count). Every argument is checked before any
         collective; a rank that raises leaves its peers waiting in DeepEP until its timeout.
         """
+        # Not the base's check: locally any float dtype runs; bound, DeepEP takes bf16 only.
         check_routing(hidden_states, selected_experts, routing_weights, hidden_size=self.hidden_size)
-        if self.ep_size > 1 and self._group is None:
-            raise RuntimeError(f"ep_size={self.ep_size}: call set_ep_group(group) before dispatch")
+        self._check_bound()
         comm = self._comm
         if self._group is not None:
             if comm is None:
@@ -383,7 +362,7 @@ class FusedTokenRouter:
 
         Returns:
             ``(routing_map bool [R_tok, L], dense_probs fp32 [R_tok, L])`` from the handle's
-            local top-k ids and weights (see :mod:`moe_dispatch.routing_maps`); ``dense_probs``
+            local top-k ids and weights (see :mod:`moe_dispatch.dispatchers.deepep.routing_maps`); ``dense_probs``
             is differentiable back to ``routing_weights``.
         """
         if not isinstance(handle, FusedRouterHandle):
@@ -437,3 +416,7 @@ class FusedTokenRouter:
         permuted, _, row_id_map = _permute_module(backend).permute(
             recv_x, recv_idx, self.num_local_experts, None, 1, num_rows)
         return permuted, row_id_map
+
+
+# The name users of other libraries look for; the same class.
+DeepEPTokenDispatcher = FusedTokenRouter

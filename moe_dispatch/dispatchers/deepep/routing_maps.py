@@ -27,10 +27,10 @@ under ``TRITON_INTERPRET=1``), else the torch reference below.
 """
 
 # No ``from __future__ import annotations``: custom-op schemas are inferred from the annotations.
-import importlib
-import os
-
 import torch
+
+from ..._checks import describe
+from ..._optional import import_triton_kernels, triton_interpreting
 
 __all__ = [
     "indices_to_multihot",
@@ -73,14 +73,10 @@ def multihot_probs_backward_reference(grad_dense_probs: torch.Tensor, topk_idx: 
 
 
 # --- backend choice ------------------------------------------------------------------------------
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
 def _triton_module():
     """The kernels module, or the ImportError saying why not (imported lazily: it imports triton)."""
     try:
-        return importlib.import_module("moe_dispatch.kernels.indices_converter")
+        return import_triton_kernels("indices_converter")
     except ImportError as exc:
         return exc
 
@@ -96,7 +92,7 @@ def resolve_converter_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend must be one of {('auto',) + CONVERTER_BACKENDS}, got {backend!r}")
     if backend == "torch":
         return "torch"
-    runs_here = device.type == "cuda" or (device.type == "cpu" and _interpreting())
+    runs_here = device.type == "cuda" or (device.type == "cpu" and triton_interpreting())
     if not runs_here:
         if backend == "triton":
             raise ValueError(f"backend 'triton' cannot run on {device} (CPU needs TRITON_INTERPRET=1)")
@@ -174,11 +170,11 @@ def indices_to_multihot(
         TypeError / ValueError naming the bad argument.
     """
     if not isinstance(topk_idx, torch.Tensor) or topk_idx.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"topk_idx must be an int32 or int64 tensor, got {_describe(topk_idx)}")
+        raise TypeError(f"topk_idx must be an int32 or int64 tensor, got {describe(topk_idx)}")
     if topk_idx.dim() != 2:
         raise ValueError(f"topk_idx must be 2-D [R, K], got shape {tuple(topk_idx.shape)}")
     if not isinstance(topk_weights, torch.Tensor) or not torch.is_floating_point(topk_weights):
-        raise TypeError(f"topk_weights must be a floating-point tensor, got {_describe(topk_weights)}")
+        raise TypeError(f"topk_weights must be a floating-point tensor, got {describe(topk_weights)}")
     if topk_weights.shape != topk_idx.shape:
         raise ValueError(f"topk_weights must have topk_idx's shape {tuple(topk_idx.shape)}, got {tuple(topk_weights.shape)}")
     if topk_weights.device != topk_idx.device:
@@ -187,9 +183,3 @@ def indices_to_multihot(
         raise ValueError(f"num_local_experts must be a positive int, got {num_local_experts!r}")
     use_triton = resolve_converter_backend(backend, topk_idx.device) == "triton"
     return _indices_to_multihot_op(topk_idx, topk_weights.float(), num_local_experts, use_triton)
-
-
-def _describe(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"{x.dtype} tensor of shape {tuple(x.shape)}"
-    return type(x).__name__
