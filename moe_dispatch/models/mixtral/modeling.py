@@ -44,7 +44,7 @@ from .attention import (AttentionInputs, NVMixtralAttention, NVMixtralRMSNorm, N
                         packed_position_ids, resolve_attn_backend)
 from .._cache import CACHE_FIELD, cache_length, resolve_cache, with_cache
 from .config import NVMixtralConfig
-from .parallel import EPState, set_ep_groups, slice_full_expert_weights
+from moe_dispatch.parallel import attach_ep_state, set_ep_groups
 
 try:  # transformers' init helpers skip parameters that from_pretrained already loaded
     from transformers import initialization as _init
@@ -251,9 +251,7 @@ class NVMixtralModel(NVMixtralPreTrainedModel):
         self.norm = NVMixtralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = NVMixtralRotaryEmbedding(config)
         self.gradient_checkpointing = False
-        self.ep_state = EPState(config.num_local_experts, config.expert_parallel_size)
-        if config.expert_parallel_size > 1:  # a full (EP=1) state dict loads as this rank's slice
-            self.register_load_state_dict_pre_hook(slice_full_expert_weights)
+        attach_ep_state(self, config.num_local_experts, config.expert_parallel_size)  # a full state dict loads sliced
         self.post_init()
 
     def set_ep_groups(self, ep_group=None, ep_mesh=None, *, router_group=None) -> None:
