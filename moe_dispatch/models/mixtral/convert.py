@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from contextlib import contextmanager
 
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from .config import NV_FIELDS, NVMixtralConfig
+from ..common.convert import building, check_loaded, oriented
+from ..common.convert import hf_config_from_nv as _hf_config_from_nv
+from ..common.convert import nv_config_from_hf as _nv_config_from_hf
+from .config import NVMixtralConfig
 from .modeling import NVMixtralForCausalLM
 
 __all__ = ["convert_mixtral_hf_to_te", "convert_mixtral_te_to_hf", "hf_state_dict_to_te", "te_state_dict_to_hf",
@@ -30,37 +32,17 @@ __all__ = ["convert_mixtral_hf_to_te", "convert_mixtral_te_to_hf", "hf_state_dic
 
 _LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.(?:block_sparse_moe|mlp)\.(.+)$")
 _PER_EXPERT = re.compile(r"^experts\.(\d+)\.(w1|w2|w3)\.weight$")
-_CONFIG_META = ("model_type", "architectures", "transformers_version", "auto_map")
 
 
 def nv_config_from_hf(hf_config: MixtralConfig, **overrides) -> NVMixtralConfig:
-    """An ``NVMixtralConfig`` with every field of ``hf_config``, then ``overrides``.
-
-    HF adds its router loss only with ``output_router_logits``; then ``moe_aux_loss_coeff``
-    defaults to its ``router_aux_loss_coef``.
-    """
-    fields = {k: v for k, v in hf_config.to_dict().items() if k not in _CONFIG_META}
-    if fields.get("output_router_logits"):
-        fields["moe_aux_loss_coeff"] = fields.get("router_aux_loss_coef", 0.0)
-    # Not a field of to_dict(); kept so that converting back gives the same attention kernel.
-    fields["attn_implementation"] = getattr(hf_config, "_attn_implementation", None)
-    fields.update(overrides)
-    return NVMixtralConfig(**fields)
+    """An ``NVMixtralConfig`` with every field of ``hf_config``, then ``overrides`` (HF's router
+    loss coefficient carried over when ``output_router_logits``)."""
+    return _nv_config_from_hf(hf_config, NVMixtralConfig, **overrides)
 
 
 def hf_config_from_nv(nv_config: NVMixtralConfig) -> MixtralConfig:
     """The ``MixtralConfig`` of ``nv_config`` (its added fields dropped)."""
-    fields = {k: v for k, v in nv_config.to_dict().items() if k not in _CONFIG_META and k not in NV_FIELDS}
-    fields["attn_implementation"] = getattr(nv_config, "_attn_implementation", None)
-    return MixtralConfig(**fields)
-
-
-def _oriented(tensor: torch.Tensor, shape: tuple[int, int, int], name: str) -> torch.Tensor:
-    if tuple(tensor.shape) == shape:
-        return tensor
-    if tuple(tensor.shape) == (shape[0], shape[2], shape[1]):
-        return tensor.transpose(1, 2).contiguous()
-    raise ValueError(f"{name} must have shape {list(shape)} (or its transpose in the last two dims), got {list(tensor.shape)}")
+    return _hf_config_from_nv(nv_config, MixtralConfig)
 
 
 def hf_state_dict_to_te(state_dict: Mapping[str, torch.Tensor], config: NVMixtralConfig) -> dict[str, torch.Tensor]:
@@ -86,9 +68,9 @@ def hf_state_dict_to_te(state_dict: Mapping[str, torch.Tensor], config: NVMixtra
         if rest == "gate.weight":
             out[f"{prefix}.router.gate.weight"] = tensor.to(torch.float32)
         elif rest == "experts.gate_up_proj":
-            out[f"{prefix}.experts.experts_gate_up_weight"] = _oriented(tensor, (num_experts, 2 * inter, hidden), key)
+            out[f"{prefix}.experts.experts_gate_up_weight"] = oriented(tensor, (num_experts, 2 * inter, hidden), key)
         elif rest == "experts.down_proj":
-            out[f"{prefix}.experts.experts_down_weight"] = _oriented(tensor, (num_experts, hidden, inter), key)
+            out[f"{prefix}.experts.experts_down_weight"] = oriented(tensor, (num_experts, hidden, inter), key)
         elif (expert_match := _PER_EXPERT.match(rest)) is not None:
             per_expert.setdefault((layer, expert_match.group(2)), {})[int(expert_match.group(1))] = tensor
         else:
@@ -127,7 +109,7 @@ def te_state_dict_to_hf(state_dict: Mapping[str, torch.Tensor], target: Mapping[
         elif rest in ("experts.experts_gate_up_weight", "experts.experts_down_weight"):
             fused = f"model.layers.{layer}.mlp.experts." + ("gate_up_proj" if "gate_up" in rest else "down_proj")
             if fused in target:
-                out[fused] = _oriented(tensor, tuple(target[fused].shape), key) if tensor.shape != target[fused].shape else tensor
+                out[fused] = oriented(tensor, tuple(target[fused].shape), key) if tensor.shape != target[fused].shape else tensor
                 continue
             prefix = f"model.layers.{layer}.block_sparse_moe.experts"
             if "gate_up" in rest:
@@ -147,22 +129,6 @@ def _first_present(mapping: Mapping, *keys: str) -> str:
         if key in mapping:
             return key
     raise ValueError(f"none of {keys} in the target HF model")
-
-
-@contextmanager
-def _building(device: torch.device, dtype: torch.dtype):
-    """Construct modules on ``device`` in ``dtype`` without running their initialisers."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # pragma: no cover - older transformers
-        from transformers.modeling_utils import no_init_weights
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device), no_init_weights():
-            yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def convert_mixtral_hf_to_te(model_hf, *, config: MixtralConfig | None = None, dispatcher=None, fp8_recipe=None,
@@ -190,10 +156,10 @@ def convert_mixtral_hf_to_te(model_hf, *, config: MixtralConfig | None = None, d
     if "lm_head.weight" not in nv_state and nv_config.tie_word_embeddings:
         nv_state["lm_head.weight"] = nv_state["model.embed_tokens.weight"]
     embed = nv_state["model.embed_tokens.weight"]
-    with _building(embed.device, embed.dtype):
+    with building(embed.device, embed.dtype):
         model = NVMixtralForCausalLM(nv_config, fp8_recipe=fp8_recipe, fp4_recipe=fp4_recipe, dispatcher=dispatcher)
     model.load_state_dict(nv_state, strict=False)
-    _check_loaded(model, nv_state)
+    check_loaded(model, nv_state)
     return model.train(training)
 
 
@@ -208,18 +174,9 @@ def convert_mixtral_te_to_hf(model_te: NVMixtralForCausalLM) -> MixtralForCausal
         raise ValueError("convert_mixtral_te_to_hf needs all experts: gather them (expert_parallel_size=1) first")
     hf_config = hf_config_from_nv(model_te.config)
     embed = model_te.model.embed_tokens.weight
-    with _building(embed.device, embed.dtype):
+    with building(embed.device, embed.dtype):
         model_hf = MixtralForCausalLM(hf_config)
     hf_state = te_state_dict_to_hf(model_te.state_dict(), model_hf.state_dict())
     model_hf.load_state_dict(hf_state, strict=False)
-    _check_loaded(model_hf, hf_state)
+    check_loaded(model_hf, hf_state)
     return model_hf.train(model_te.training)
-
-
-def _check_loaded(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Every parameter / persistent buffer of ``model`` came from ``state`` (ignoring TE's
-    ``_extra_state`` and tied weights), and nothing in ``state`` was left over."""
-    expected = {k for k in model.state_dict() if not k.endswith("_extra_state")}
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ValueError(f"conversion mismatch: missing {missing[:8]}, unexpected {unexpected[:8]}")
