@@ -84,7 +84,7 @@ from .moe import MoELayer
 
 __all__ = ["EPState", "EXPERT_WEIGHTS", "ep_state", "attach_ep_state", "set_ep_groups", "finalize_ep_gradients", "clip_grad_norm_ep_",
            "load_full_state_dict", "full_state_dict", "gather_tokens_per_expert", "expert_parameters",
-           "ep_parameter_groups", "slice_full_expert_weights"]
+           "ep_parameter_groups", "slice_full_expert_weights", "update_expert_biases"]
 
 EXPERT_WEIGHTS = ("experts_gate_up_weight", "experts_down_weight")
 
@@ -525,3 +525,23 @@ def gather_tokens_per_expert(model: nn.Module) -> torch.Tensor:
     parts = [torch.empty_like(local_NL, device=device) for _ in range(state.ep_size)]
     dist.all_gather(parts, local_NL.to(device), group=state.group)
     return torch.cat(parts, dim=1)  # [NL, P * L]: rank r's local experts are global r * L ... (r + 1) * L - 1
+
+
+@torch.no_grad()
+def update_expert_biases(model: nn.Module, update_rate: float = 1e-3) -> torch.Tensor:
+    """Aux-loss-free balancing for a whole model: every MoE layer whose router has an
+    ``expert_bias`` (``TopKRouter(expert_bias=True)``) takes one
+    :meth:`~moe_dispatch.routing.TopKRouter.update_expert_bias` step from the load of its last
+    forward (:func:`gather_tokens_per_expert`, so every EP rank applies the same update).
+
+    A collective with EP: call on every EP rank, once per training step, after the forward.
+
+    Returns:
+        int64 ``[NL, E]``: the loads the updates used.
+    """
+    counts_NE = gather_tokens_per_expert(model)
+    blocks = [m for m in model.modules() if isinstance(m, MoELayer)]
+    for block, counts_E in zip(blocks, counts_NE):
+        if getattr(block.router, "expert_bias", None) is not None:
+            block.router.update_expert_bias(counts_E, update_rate)
+    return counts_NE
