@@ -18,6 +18,7 @@ from moe_dispatch.models.qwen3_moe import (NVQwen3MoeConfig, NVQwen3MoeForCausal
                                            convert_qwen3_moe_te_to_hf, hf_state_dict_to_te)
 
 from .dispatchers import dispatcher_params
+from .hf_checks import assert_loss_and_router_logits_equal_hf
 
 VOCAB = 96
 
@@ -91,14 +92,7 @@ def test_golden_logits_loss_and_router_loss(name, padding, seed):
     real = mask.bool()  # padded rows of HF's eager attention are arbitrary
     torch.testing.assert_close(out_nv.logits[real], out_hf.logits[real], atol=1e-5, rtol=0,
                                msg=lambda m: f"logits differ from Qwen3MoeForCausalLM's: {m}")
-    torch.testing.assert_close(out_nv.aux_loss, 0.05 * out_hf.aux_loss, atol=1e-6, rtol=1e-5,
-                               msg=lambda m: f"router loss differs from HF's load_balancing_loss_func: {m}")
-    torch.testing.assert_close(out_nv.loss, out_hf.loss, atol=1e-5, rtol=0,
-                               msg=lambda m: f"loss (LM + router_aux_loss_coef * aux) differs from HF's: {m}")
-    assert len(out_nv.router_logits) == len(out_hf.router_logits), "router_logits: one per sparse layer, as HF"
-    for ours, theirs in zip(out_nv.router_logits, out_hf.router_logits):
-        assert ours.shape == theirs.shape, f"router_logits shape {ours.shape} != HF's {theirs.shape}"
-        torch.testing.assert_close(ours, theirs.float(), atol=1e-5, rtol=0)
+    assert_loss_and_router_logits_equal_hf(out_nv, out_hf, 0.05)
 
 
 def test_sdpa_and_no_router_logits_golden():

@@ -10,13 +10,11 @@ Each world size runs all its checks in one set of processes, once per session.
 """
 from __future__ import annotations
 
-import traceback
-
 import pytest
 import torch
 
 from tests.distributed import mixtral_ep_equivalence as eq
-from tests.distributed.harness import run_ranks
+from tests.distributed.harness import RankChecks, worst
 
 pytestmark = pytest.mark.distributed
 
@@ -47,32 +45,11 @@ CHECKS = {
 WORLD_CHECKS = {2: ["ep", "dcp", "save_final"], 4: ["ep", "fsdp"]}
 
 
-def _run_checks(rank, world, names, workdir):
-    results = {}
-    for name in names:
-        try:
-            results[name] = ("ok", CHECKS[name](rank, world, workdir))
-        except Exception:  # noqa: BLE001 - reported by the test that owns the check
-            results[name] = ("error", traceback.format_exc())
-    return results
-
-
-_CACHE: dict[int, list] = {}
+RUNS = RankChecks(__name__, WORLD_CHECKS)
 
 
 def metrics(world: int, check: str, tmp_path_factory) -> list[dict]:
-    if world not in _CACHE:
-        workdir = str(tmp_path_factory.mktemp(f"qwen3_ep_{world}"))
-        _CACHE[world] = run_ranks(_run_checks, world, WORLD_CHECKS[world], workdir, timeout=150)
-    per_rank = [r[check] for r in _CACHE[world]]
-    errors = [f"rank {r}:\n{payload}" for r, (status, payload) in enumerate(per_rank) if status == "error"]
-    if errors:
-        pytest.fail("\n".join(errors), pytrace=False)
-    return [payload for _, payload in per_rank]
-
-
-def worst(per_rank: list[dict], key: str) -> float:
-    return max(m[key] for m in per_rank)
+    return RUNS.metrics(world, check, tmp_path_factory)
 
 
 @pytest.mark.parametrize("world", [2, 4])
