@@ -17,9 +17,14 @@ forward ``3 GEMMs * 2 * tokens * top_k * H * I`` FLOPs, forward+backward 3x that
 Timing: CUDA events, median of ``--iters`` after ``--warmup`` calls. Forward is timed under
 ``torch.no_grad()``; forward+backward with autograd, parameter grads reset (set to None) each call.
 
+``--qwen3-moe``: instead, the Qwen3-MoE shape (Qwen3-30B-A3B's layer: hidden 2048, 128 experts,
+top-8, moe_intermediate 768, 4096 tokens): ``NVQwen3MoeSparseMoeBlock`` vs transformers'
+``Qwen3MoeSparseMoeBlock``, same rows and bound (:func:`bench_qwen3_moe`).
+
 Usage::
 
     python benchmarks/bench_mixtral_layer.py [--tokens 4096] [--json out.json]
+    python benchmarks/bench_mixtral_layer.py --qwen3-moe [--tokens 4096] [--json out.json]
 """
 from __future__ import annotations
 
@@ -102,11 +107,15 @@ def main(argv=None) -> int:
     parser.add_argument("--permute-backend", default="auto")
     parser.add_argument("--skip-hf", action="store_true", help="do not time transformers' block")
     parser.add_argument("--json", default=None, help="write results as JSON to this path ('-' for stdout)")
+    parser.add_argument("--qwen3-moe", action="store_true",
+                        help="the Qwen3-MoE shape instead (H 2048, 128 experts, top-8, moe_intermediate 768)")
     args = parser.parse_args(argv)
 
     if not torch.cuda.is_available():
         print("bench_mixtral_layer: needs a CUDA GPU (none found); nothing to measure.")
         return 0
+    if args.qwen3_moe:
+        return bench_qwen3_moe(args)
 
     import transformers
     from transformers import MixtralConfig
@@ -197,6 +206,84 @@ def main(argv=None) -> int:
               f"{err:>10}")
     if args.json:
         text = json.dumps(result, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text + "\n")
+    return 0
+
+
+def bench_qwen3_moe(args) -> int:
+    """The Qwen3-MoE row: ``NVQwen3MoeSparseMoeBlock`` (each expert backend) vs transformers'
+    ``Qwen3MoeSparseMoeBlock`` (norm_topk_prob, as Qwen3-30B-A3B), fwd and fwd+bwd, and the
+    grouped-GEMM bound from the matmul rate of this run. ``--tokens`` and ``--backends`` apply;
+    the model shape is fixed."""
+    import transformers
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    from moe_dispatch.models.common.modeling import default_dispatcher
+    from moe_dispatch.models.qwen3_moe import NVQwen3MoeConfig, NVQwen3MoeSparseMoeBlock
+
+    T, H, I, E, K = args.tokens, 2048, 768, 128, 8
+    fields = dict(hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K, norm_topk_prob=True,
+                  num_hidden_layers=1)
+    torch.manual_seed(0)
+    hf_block = Qwen3MoeSparseMoeBlock(Qwen3MoeConfig(**fields)).to(device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in hf_block.parameters():
+            p.normal_(0.0, 0.02)
+    x = torch.randn(1, T, H, device="cuda", dtype=torch.bfloat16)
+    tflops = matmul_tflops(args.warmup, args.iters)
+    fwd_flops = 3 * 2 * T * K * H * I
+    bound = {"fwd": fwd_flops / (tflops * 1e12) * 1e3, "fwd_bwd": 3 * fwd_flops / (tflops * 1e12) * 1e3}
+
+    shipped = hf_block.gate.forward
+    hf_block.gate.forward = _fp32_router(hf_block.gate)  # the reference routes in fp32, as ours
+    with torch.no_grad():
+        hf_out = hf_block(x.clone())
+    hf_block.gate.forward = shipped
+    rows = []
+    if not args.skip_hf:
+        fwd, fwd_bwd = timed_pair(lambda t: hf_block(t), x, list(hf_block.parameters()), args.warmup, args.iters)
+        with torch.no_grad():
+            rows.append({"name": "hf", "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd,
+                         "rel_err_vs_hf": rel_err(hf_block(x.clone()), hf_out)})
+    config = NVQwen3MoeConfig(**fields, permute_backend=args.permute_backend)
+    for backend in (args.backends.split(",") if args.backends else available_backends()):
+        with torch.device("cuda"):
+            block = NVQwen3MoeSparseMoeBlock(config, default_dispatcher(config), expert_backend=backend)
+        block = block.to(torch.bfloat16)  # the router gate stays fp32
+        with torch.no_grad():
+            block.router.gate.weight.copy_(hf_block.gate.weight)
+            block.experts.experts_gate_up_weight.copy_(hf_block.experts.gate_up_proj)
+            block.experts.experts_down_weight.copy_(hf_block.experts.down_proj)
+            err = rel_err(block(x).hidden_states, hf_out)
+        fwd, fwd_bwd = timed_pair(lambda t: block(t).hidden_states, x, list(block.parameters()), args.warmup, args.iters)
+        rows.append({"name": f"ours[{backend}]", "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "rel_err_vs_hf": err})
+        del block
+        torch.cuda.empty_cache()
+
+    hf_row = rows[0] if rows and rows[0]["name"] == "hf" else None
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  transformers {transformers.__version__}")
+    print(f"Qwen3-MoE layer T={T} H={H} moe_intermediate={I} E={E} top-{K} bf16; bf16 matmul {tflops:.0f} TFLOP/s; "
+          f"grouped-GEMM bound fwd {bound['fwd']:.2f} ms, fwd+bwd {bound['fwd_bwd']:.2f} ms")
+    for row in rows:
+        row["fwd_vs_bound"], row["fwd_bwd_vs_bound"] = row["fwd_ms"] / bound["fwd"], row["fwd_bwd_ms"] / bound["fwd_bwd"]
+        if hf_row is not None:
+            row["fwd_speedup_vs_hf"] = hf_row["fwd_ms"] / row["fwd_ms"]
+            row["fwd_bwd_speedup_vs_hf"] = hf_row["fwd_bwd_ms"] / row["fwd_bwd_ms"]
+        print(f"{row['name']:<18} fwd {row['fwd_ms']:8.2f} ms ({row['fwd_vs_bound']:.2f}x bound, "
+              f"{row.get('fwd_speedup_vs_hf', float('nan')):.2f}x hf)  fwd+bwd {row['fwd_bwd_ms']:8.2f} ms "
+              f"({row['fwd_bwd_vs_bound']:.2f}x bound, {row.get('fwd_bwd_speedup_vs_hf', float('nan')):.2f}x hf)  "
+              f"rel err {row['rel_err_vs_hf']:.1e}")
+    if args.json:
+        text = json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                           "transformers": transformers.__version__, "model": "qwen3_moe",
+                           "shape": {"tokens": T, "hidden": H, "moe_intermediate": I, "experts": E, "top_k": K,
+                                     "dtype": "bf16"},
+                           "matmul_tflops": tflops, "bound_ms": bound, "rows": rows}, indent=2)
         if args.json == "-":
             print(text)
         else:

@@ -32,7 +32,7 @@ loop        one ``F.linear`` pair per expert (the reference)     any device and 
 (decided per call from the input). This module imports only :mod:`moe_dispatch._optional` of the package.
 
 Expert parallelism may turn both stacked weights into DTensor parameters (``Shard(0)`` over the
-EP mesh, see ``moe_dispatch.models.mixtral.parallel``); every backend then computes on the local
+EP mesh, see ``moe_dispatch.parallel``); every backend then computes on the local
 shard (``to_local()``, differentiable: the gradient comes back as a ``Shard(0)`` DTensor).
 """
 from __future__ import annotations

@@ -1,5 +1,18 @@
 """Top-k routing: gate logits -> (selected_experts, routing_weights, aux_loss).
 
+The steps of :meth:`TopKRouter.route` (each optional, in this order; the defaults are Mixtral's)::
+
+    logits  = gate(x)                                   fp32 [N, E]
+    scores  = softmax(logits) | sigmoid(logits)         score_function
+    choice  = scores + expert_bias                      expert_bias: selection only (DeepSeek-V3's
+                                                        aux-loss-free balancing), never in the weights
+    groups  : keep the topk_groups of num_groups expert groups with the largest group score
+              (sum of the group's top-2 choice scores, DeepSeek-V3), mask the others out
+    selected = top-k of choice                          int64 [N, K]
+    weights  = scores[selected], renormalised to sum 1 ("renorm" / norm_topk_prob), then
+               * routed_scaling_factor                  fp32 [N, K]
+    aux_loss = aux_loss_coeff * load-balancing loss + z_loss_coeff * mean_n logsumexp(logits_n)^2
+
 Normalization modes follow TensorRT-LLM's MoE routing names:
 
 - ``"none"``: top-k of the softmax over all experts (weights do not sum to 1).
@@ -21,11 +34,13 @@ from torch import nn
 
 from .distributed import all_reduce_sum
 
-__all__ = ["TopKRouter", "RouterOutput", "LoadStats", "NORMALIZATIONS", "AUX_LOSS_CONVENTIONS",
+__all__ = ["TopKRouter", "RouterOutput", "LoadStats", "NORMALIZATIONS", "AUX_LOSS_CONVENTIONS", "SCORE_FUNCTIONS",
+           "group_limited_mask", "z_loss",
            "router_load_stats", "pool_load_stats", "load_balancing_loss", "switch_load_balancing_loss"]
 
 NORMALIZATIONS = ("none", "renorm", "sparse_mixer")
 AUX_LOSS_CONVENTIONS = ("switch", "megatron")
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
 
 
 def _sparse_mixer(logits: torch.Tensor, top_k: int, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,6 +56,35 @@ def _sparse_mixer(logits: torch.Tensor, top_k: int, epsilon: float) -> tuple[tor
         selected.append(idx)
         remaining = remaining.scatter(-1, idx, float("-inf"))
     return torch.cat(weights, -1), torch.cat(selected, -1)
+
+
+def group_limited_mask(choice: torch.Tensor, num_groups: int, topk_groups: int) -> torch.Tensor:
+    """bool ``[N, E]``: True for the experts of each token's ``topk_groups`` best groups.
+
+    ``choice`` fp32 ``[N, E]``; experts ``[g * E/G, (g + 1) * E/G)`` form group g, scored by the
+    sum of its top-2 entries (DeepSeek-V3; top-1 for groups of one expert). Example: E = 4,
+    G = 2, choice ``[[.9, .1, .5, .4]]``: group scores ``[1.0, .9]``, one group kept -> ``[[T, T, F, F]]``.
+    """
+    num_tokens, num_experts = choice.shape
+    per_group = num_experts // num_groups
+    group_scores_NG = choice.view(num_tokens, num_groups, per_group).topk(min(2, per_group), dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores_NG, k=topk_groups, dim=-1, sorted=False)[1]
+    group_mask_NG = torch.zeros_like(group_scores_NG).scatter_(1, group_idx, 1)
+    return group_mask_NG.bool().unsqueeze(-1).expand(-1, -1, per_group).reshape(num_tokens, num_experts)
+
+
+def z_loss(logits: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Router z-loss (ST-MoE): mean over real tokens of ``logsumexp(logits_n)^2``, fp32 scalar, unscaled.
+
+    Args:
+        logits: fp32 ``[N, E]``.
+        token_mask: bool ``[N]`` (False: padding, left out) or None.
+    """
+    z_N = torch.logsumexp(logits, dim=-1).square()
+    if token_mask is None:
+        return z_N.mean() if z_N.numel() else z_N.sum()
+    keep_N = token_mask.to(z_N.dtype)
+    return (z_N * keep_N).sum() / keep_N.sum().clamp(min=1)
 
 
 class LoadStats(NamedTuple):
@@ -141,8 +185,11 @@ class RouterOutput:
         selected_experts: int64 ``[N, K]``.
         routing_weights: fp32 ``[N, K]``.
         logits: fp32 ``[N, E]`` gate output (HF's ``router_logits``).
-        aux_loss: fp32 scalar, ``aux_loss_coeff * load_balancing_loss`` (0 when the coefficient is 0).
+        aux_loss: fp32 scalar, ``aux_loss_coeff * load_balancing_loss + z_loss`` (0 when both
+            coefficients are 0).
         load_stats: :class:`LoadStats` when the aux loss is on or they were asked for, else None.
+        z_loss: fp32 scalar, ``z_loss_coeff * z_loss(logits)`` (already in ``aux_loss``), or None
+            when ``z_loss_coeff == 0``.
     """
 
     selected_experts: torch.Tensor
@@ -150,6 +197,7 @@ class RouterOutput:
     logits: torch.Tensor
     aux_loss: torch.Tensor
     load_stats: LoadStats | None = None
+    z_loss: torch.Tensor | None = None
 
 
 class TopKRouter(nn.Module):
@@ -166,6 +214,23 @@ class TopKRouter(nn.Module):
         aux_loss_convention: ``"switch"`` (HF, default) or ``"megatron"``: how the fraction of
             tokens per expert is normalised (see :func:`load_balancing_loss`; ``"switch"`` is
             K times ``"megatron"`` at equal coefficient).
+        score_function: ``"softmax"`` (default) or ``"sigmoid"`` (DeepSeek-V3): the per-expert
+            scores the weights are taken from. With sigmoid the load statistics use the scores
+            normalised to sum 1 per token (Megatron's convention).
+        norm_topk_prob: HF's flag; when given it sets ``normalization`` (True: ``"renorm"``,
+            False: ``"none"``).
+        num_groups, topk_groups: group-limited top-k (both or neither): the E experts form
+            ``num_groups`` equal groups and each token picks its K experts from its
+            ``topk_groups`` best groups (:func:`group_limited_mask`). ``K <= topk_groups * E / num_groups``.
+        expert_bias: add a ``expert_bias`` buffer (fp32 ``[E]``, zeros, saved in the state dict)
+            to the scores for *selection only* (aux-loss-free balancing); the training loop
+            updates it with :meth:`update_expert_bias`.
+        routed_scaling_factor: multiplies the final weights (DeepSeek-V3: 2.5).
+        z_loss_coeff: scale of the router z-loss (:func:`z_loss`), added to ``aux_loss``.
+
+    Outside the default path (softmax, no groups, no bias) the steps follow DeepSeek-V3's gate
+    op for op (unsorted top-k, gather, renormalise by ``sum + 1e-20``), so its selection and
+    weights are reproduced exactly.
 
     ``forward(hidden_states [N, H], token_mask=None)`` returns ``(selected_experts int64 [N, K],
     routing_weights fp32 [N, K], aux_loss fp32 scalar)``; :meth:`route` returns the same and
@@ -187,8 +252,19 @@ class TopKRouter(nn.Module):
         *,
         sparse_mixer_epsilon: float = 0.01,
         aux_loss_convention: str = "switch",
+        score_function: str = "softmax",
+        norm_topk_prob: bool | None = None,
+        num_groups: int | None = None,
+        topk_groups: int | None = None,
+        expert_bias: bool = False,
+        routed_scaling_factor: float = 1.0,
+        z_loss_coeff: float = 0.0,
     ) -> None:
         super().__init__()
+        if norm_topk_prob is not None:
+            if normalization == "sparse_mixer":
+                raise ValueError("norm_topk_prob sets normalization; it cannot be combined with 'sparse_mixer'")
+            normalization = "renorm" if norm_topk_prob else "none"
         if not isinstance(num_experts, int) or num_experts < 1:
             raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
         if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
@@ -199,12 +275,81 @@ class TopKRouter(nn.Module):
             raise ValueError(f"jitter_noise and aux_loss_coeff must be >= 0, got {jitter_noise}, {aux_loss_coeff}")
         if aux_loss_convention not in AUX_LOSS_CONVENTIONS:
             raise ValueError(f"aux_loss_convention must be one of {AUX_LOSS_CONVENTIONS}, got {aux_loss_convention!r}")
+        self._check_selection(num_experts, top_k, normalization, score_function, num_groups, topk_groups,
+                              expert_bias, routed_scaling_factor, z_loss_coeff)
         self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
         self.normalization, self.jitter_noise, self.aux_loss_coeff = normalization, jitter_noise, aux_loss_coeff
         self.sparse_mixer_epsilon = sparse_mixer_epsilon
         self.aux_loss_convention = aux_loss_convention
+        self.score_function, self.num_groups, self.topk_groups = score_function, num_groups, topk_groups
+        self.routed_scaling_factor, self.z_loss_coeff = float(routed_scaling_factor), float(z_loss_coeff)
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.expert_bias: torch.Tensor | None
+        if expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+        else:
+            self.expert_bias = None
+        # Mixtral's path: softmax, top-k, no groups, no bias
+        self._plain = score_function == "softmax" and num_groups is None and not expert_bias
         self._group = None
+
+    @staticmethod
+    def _check_selection(num_experts, top_k, normalization, score_function, num_groups, topk_groups, expert_bias,
+                         routed_scaling_factor, z_loss_coeff) -> None:
+        if score_function not in SCORE_FUNCTIONS:
+            raise ValueError(f"score_function must be one of {SCORE_FUNCTIONS}, got {score_function!r}")
+        if (num_groups is None) != (topk_groups is None):
+            raise ValueError(f"num_groups and topk_groups go together, got num_groups={num_groups!r}, "
+                             f"topk_groups={topk_groups!r}")
+        if num_groups is not None:
+            if not isinstance(num_groups, int) or num_groups < 1 or num_experts % num_groups:
+                raise ValueError(f"num_groups must be a positive int dividing num_experts={num_experts}, got {num_groups!r}")
+            if not isinstance(topk_groups, int) or not 1 <= topk_groups <= num_groups:
+                raise ValueError(f"topk_groups must be an int in [1, num_groups={num_groups}], got {topk_groups!r}")
+            if top_k > topk_groups * (num_experts // num_groups):
+                raise ValueError(f"top_k={top_k} exceeds the experts of topk_groups={topk_groups} groups of "
+                                 f"{num_experts // num_groups}")
+        if normalization == "sparse_mixer" and (score_function != "softmax" or num_groups is not None or expert_bias):
+            raise ValueError("normalization='sparse_mixer' works with score_function='softmax' only, without "
+                             "num_groups or expert_bias")
+        if not isinstance(routed_scaling_factor, (int, float)) or routed_scaling_factor <= 0:
+            raise ValueError(f"routed_scaling_factor must be > 0, got {routed_scaling_factor!r}")
+        if not isinstance(z_loss_coeff, (int, float)) or z_loss_coeff < 0:
+            raise ValueError(f"z_loss_coeff must be >= 0, got {z_loss_coeff!r}")
+
+    @torch.no_grad()
+    def update_expert_bias(self, load: LoadStats | torch.Tensor, update_rate: float = 1e-3) -> None:
+        """The aux-loss-free balancing step (DeepSeek-V3): ``expert_bias += update_rate *
+        sign(mean(load) - load)``, raising the bias of under-loaded experts, lowering it for
+        over-loaded ones. Call it in the training loop after each step.
+
+        Args:
+            load: this router's :class:`LoadStats` (its ``assignments``, summed over the router's
+                group, so every rank applies the same update) or tokens per expert ``[E]`` (e.g.
+                a row of :func:`moe_dispatch.parallel.gather_tokens_per_expert`).
+            update_rate: the step (DeepSeek-V3: 1e-3).
+
+        Raises:
+            RuntimeError: built without ``expert_bias=True``. ValueError: ``load`` is not ``[E]``.
+        """
+        if self.expert_bias is None:
+            raise RuntimeError("update_expert_bias needs a router built with expert_bias=True")
+        counts = load.assignments if isinstance(load, LoadStats) else load
+        if tuple(counts.shape) != (self.num_experts,):
+            raise ValueError(f"load must be tokens per expert [E] = [{self.num_experts}], got {tuple(counts.shape)}")
+        counts = counts.to(device=self.expert_bias.device, dtype=torch.float32)
+        self.expert_bias.add_(update_rate * torch.sign(counts.mean() - counts))
+
+    def _select(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 scores ``[N, E]`` -> ``(weights [N, K], selected [N, K])`` outside the plain path."""
+        choice = scores + self.expert_bias if self.expert_bias is not None else scores
+        if self.num_groups is not None:
+            choice = choice.masked_fill(~group_limited_mask(choice, self.num_groups, self.topk_groups), float("-inf"))
+        selected = torch.topk(choice, k=self.top_k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, selected)
+        if self.normalization == "renorm":
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights, selected
 
     def set_ep_group(self, group) -> None:
         """Sum the load-balancing statistics over ``group`` (EP and/or DP ranks); None: local only."""
@@ -232,13 +377,21 @@ class TopKRouter(nn.Module):
             noise = torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
             hidden_states = hidden_states * noise
         logits = F.linear(hidden_states, self.gate.weight.to(hidden_states.dtype)).float()  # [N, E]
-        probs = torch.softmax(logits, dim=-1)
+        if self.score_function == "softmax":
+            scores = probs = torch.softmax(logits, dim=-1)
+        else:
+            scores = torch.sigmoid(logits)
+            probs = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)  # for the load statistics only
         if self.normalization == "sparse_mixer":
             weights, selected = _sparse_mixer(logits, self.top_k, self.sparse_mixer_epsilon)
-        else:
+        elif self._plain:
             weights, selected = torch.topk(probs, self.top_k, dim=-1)
             if self.normalization == "renorm":
                 weights = weights / weights.sum(dim=-1, keepdim=True)
+        else:
+            weights, selected = self._select(scores)
+        if self.routed_scaling_factor != 1.0:
+            weights = weights * self.routed_scaling_factor
         stats = None
         if self.aux_loss_coeff > 0 or need_load_stats:
             stats = router_load_stats(probs, selected, token_mask, self._group)
@@ -246,7 +399,11 @@ class TopKRouter(nn.Module):
             aux_loss = self.aux_loss_coeff * self.load_balancing_loss(stats)
         else:
             aux_loss = logits.new_zeros(())
-        return RouterOutput(selected, weights, logits, aux_loss, stats)
+        scaled_z = None
+        if self.z_loss_coeff > 0:
+            scaled_z = self.z_loss_coeff * z_loss(logits, token_mask)
+            aux_loss = aux_loss + scaled_z
+        return RouterOutput(selected, weights, logits, aux_loss, stats, scaled_z)
 
     def forward(self, hidden_states: torch.Tensor,
                 token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -75,3 +75,52 @@ class RankError(RuntimeError):
     def __init__(self, errors: dict[int, str]):
         self.errors = errors
         super().__init__("\n".join(f"--- rank {r} ---\n{e}" for r, e in sorted(errors.items())))
+
+
+# --- named checks, all of a world size in one set of processes ----------------------------------
+def _run_module_checks(rank, world_size, module: str, names: list[str], workdir: str) -> dict:
+    """On each rank: ``{name: ("ok", metrics) | ("error", traceback)}`` for ``module.CHECKS[name]``."""
+    import importlib
+
+    checks = importlib.import_module(module).CHECKS
+    results = {}
+    for name in names:
+        try:
+            results[name] = ("ok", checks[name](rank, world_size, workdir))
+        except Exception:  # noqa: BLE001 - reported by the test that owns the check
+            results[name] = ("error", traceback.format_exc())
+    return results
+
+
+class RankChecks:
+    """Run a test module's ``CHECKS`` (``{name: fn(rank, world, workdir) -> metrics dict}``) on
+    gloo ranks: every check of a world size in one set of processes, once per pytest session
+    (starting ranks costs seconds), each test then asserting on its check's per-rank metrics.
+
+    Args:
+        module: the test module's import name (the spawned ranks import it to find ``CHECKS``).
+        world_checks: ``{world_size: [check names]}``.
+    """
+
+    def __init__(self, module: str, world_checks: dict[int, list[str]], timeout: float = 150.0) -> None:
+        self.module, self.world_checks, self.timeout = module, world_checks, timeout
+        self._results: dict[int, list] = {}
+
+    def metrics(self, world: int, check: str, tmp_path_factory) -> list[dict]:
+        """Per-rank metrics of ``check`` at ``world`` ranks; fails the test with a rank's traceback."""
+        import pytest
+
+        if world not in self._results:
+            workdir = str(tmp_path_factory.mktemp(f"{self.module.rsplit('.', 1)[-1]}_{world}"))
+            self._results[world] = run_ranks(_run_module_checks, world, self.module, self.world_checks[world], workdir,
+                                             timeout=self.timeout)
+        per_rank = [r[check] for r in self._results[world]]
+        errors = [f"rank {r}:\n{payload}" for r, (status, payload) in enumerate(per_rank) if status == "error"]
+        if errors:
+            pytest.fail("\n".join(errors), pytrace=False)
+        return [payload for _, payload in per_rank]
+
+
+def worst(per_rank: list[dict], key: str) -> float:
+    """The largest value of metric ``key`` over the ranks."""
+    return max(m[key] for m in per_rank)

@@ -27,7 +27,8 @@ the exit code is 1 on any failure):
    ``..._flat_dense``: the same with the dense weights sharded over the flattened (dp, ep) mesh.
 
 The check functions are importable: ``tests/models/test_mixtral_ep.py`` runs them on gloo in fp32
-with tight tolerances.
+with tight tolerances. They take the model as ``family=`` (a :class:`ModelFamily`, default
+:data:`MIXTRAL`), so ``tests/models/test_qwen3_moe_ep.py`` runs the same checks on Qwen3-MoE.
 """
 from __future__ import annotations
 
@@ -38,7 +39,9 @@ import sys
 import tempfile
 import traceback
 import warnings
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -60,6 +63,17 @@ from moe_dispatch.models.mixtral import (  # noqa: E402
     save_final_model_ep,
 )
 
+@dataclass(frozen=True)
+class ModelFamily:
+    """The model the checks run on: its NV config and causal-LM classes, and its converter to HF."""
+
+    config_class: type
+    model_class: type
+    to_hf: Callable
+
+
+MIXTRAL = ModelFamily(NVMixtralConfig, NVMixtralForCausalLM, convert_mixtral_te_to_hf)
+
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
@@ -73,10 +87,10 @@ def gpu_fields(world: int, **overrides) -> dict:
 
 
 # --- models and data -------------------------------------------------------------------------------
-def reference_model(fields: dict, seed: int, device, dtype) -> NVMixtralForCausalLM:
+def reference_model(fields: dict, seed: int, device, dtype, family: ModelFamily = MIXTRAL):
     """The EP=1 model. Norms random (sharper test); router gates wide so top-k has clear margins."""
     torch.manual_seed(seed)
-    model = build_model(NVMixtralConfig(**fields, expert_parallel_size=1), device, dtype)
+    model = build_model(family.config_class(**fields, expert_parallel_size=1), device, dtype, family)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -86,24 +100,24 @@ def reference_model(fields: dict, seed: int, device, dtype) -> NVMixtralForCausa
     return model
 
 
-def build_model(config: NVMixtralConfig, device, dtype) -> NVMixtralForCausalLM:
+def build_model(config, device, dtype, family: ModelFamily = MIXTRAL):
     """Built on ``device`` in ``dtype`` as ``from_pretrained`` does (``model.to(dtype)`` would also
     round the fp32 RoPE ``inv_freq`` buffer, and the logits would no longer match a reload)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            return NVMixtralForCausalLM(config)
+            return family.model_class(config)
     finally:
         torch.set_default_dtype(previous)
 
 
 def ep_model(fields: dict, ep_mesh, device, dtype, full_state: dict | None, *, seed: int,
-             router_group=None, load: bool = True) -> NVMixtralForCausalLM:
+             router_group=None, load: bool = True, family: ModelFamily = MIXTRAL):
     """An EP model (``expert_parallel_size = ep_mesh.size()``), initialised from ``seed`` (not the
     reference's), bound with ``set_ep_groups``, then loaded from the full EP=1 ``full_state``."""
     torch.manual_seed(seed)
-    model = build_model(NVMixtralConfig(**fields, expert_parallel_size=ep_mesh.size()), device, dtype)
+    model = build_model(family.config_class(**fields, expert_parallel_size=ep_mesh.size()), device, dtype, family)
     model.set_ep_groups(ep_mesh=ep_mesh, router_group=router_group)
     if load:
         load_full_state_dict(model, full_state)
@@ -159,7 +173,7 @@ class Worst:
 # --- checks: each returns a dict of metrics (same keys on every rank) --------------------------------
 def check_forward_backward(rank: int, world: int, device, dtype, fields: dict, *, seed: int = 0,
                            per_rank_reference: bool = False, per_rank: int = 2, seq: int = 8,
-                           padded: bool = False) -> dict:
+                           padded: bool = False, family: ModelFamily = MIXTRAL) -> dict:
     """EP=world vs EP=1: logits, mean loss, every gradient, per-expert token counts.
 
     ``per_rank_reference``: the reference runs each rank's batch on its own and averages the
@@ -173,8 +187,8 @@ def check_forward_backward(rank: int, world: int, device, dtype, fields: dict, *
     if per_rank_reference and fields.get("moe_aux_loss_coeff", 0):
         raise ValueError("a per-rank reference cannot reproduce the aux loss of the union batch")
     mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("ep",))
-    ref = reference_model(fields, seed, device, dtype)
-    model = ep_model(fields, mesh, device, dtype, ref.state_dict(), seed=seed + 1)
+    ref = reference_model(fields, seed, device, dtype, family)
+    model = ep_model(fields, mesh, device, dtype, ref.state_dict(), seed=seed + 1, family=family)
     model.set_ep_groups(ep_mesh=mesh)  # a second call is harmless
     ids, labels = make_batch(world, per_rank, seq, fields["vocab_size"], seed + 2, device)
     mine = slice(rank * per_rank, (rank + 1) * per_rank)
@@ -200,13 +214,13 @@ def check_forward_backward(rank: int, world: int, device, dtype, fields: dict, *
             (ref_out.loss / world).backward()
             ref_logits.append(ref_out.logits.detach())
             ref_loss = ref_loss + ref_out.loss.detach().float() / world
-            ref_counts = ref_counts + torch.stack([l.mlp.last_tokens_per_expert.cpu() for l in ref.model.layers])
+            ref_counts = ref_counts + torch.stack([moe.last_tokens_per_expert.cpu() for moe in ref.model.moe_layers()])
         ref_logits = torch.cat(ref_logits)
     else:
         ref_out = ref(input_ids=ids, labels=labels, **mask_kw(slice(None)))
         ref_out.loss.backward()
         ref_logits, ref_loss = ref_out.logits.detach(), ref_out.loss.detach().float()
-        ref_counts = torch.stack([l.mlp.last_tokens_per_expert.cpu() for l in ref.model.layers])
+        ref_counts = torch.stack([moe.last_tokens_per_expert.cpu() for moe in ref.model.moe_layers()])
 
     worst = Worst()
     worst.add("logits", out.logits, ref_logits[mine])
@@ -237,15 +251,16 @@ def _check_clipping(worst: Worst, model, ref) -> None:
         worst.add("clipped_grads", _full(p.grad), ref_params[name].grad, name)
 
 
-def check_dcp_round_trip(rank: int, world: int, device, dtype, fields: dict, workdir: str, *, seed: int = 0) -> dict:
+def check_dcp_round_trip(rank: int, world: int, device, dtype, fields: dict, workdir: str, *, seed: int = 0,
+                         family: ModelFamily = MIXTRAL) -> dict:
     """DCP save at EP=world -> load into a differently initialised EP=world model (bitwise), and
     into one EP=1 model per rank (``no_dist``: DCP reshards the DTensor experts)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("ep",))
-    ref = reference_model(fields, seed, device, dtype)
-    saved = ep_model(fields, mesh, device, dtype, ref.state_dict(), seed=seed + 1)
+    ref = reference_model(fields, seed, device, dtype, family)
+    saved = ep_model(fields, mesh, device, dtype, ref.state_dict(), seed=seed + 1, family=family)
     optimizer = torch.optim.AdamW(ep_parameter_groups(saved), lr=1e-3, foreach=True)  # CUDA's default kernels
     ids, labels = make_batch(world, 2, 8, fields["vocab_size"], seed + 2, device)
     mine = slice(rank * 2, (rank + 1) * 2)
@@ -255,7 +270,7 @@ def check_dcp_round_trip(rank: int, world: int, device, dtype, fields: dict, wor
     path = os.path.join(workdir, "dcp")
     save_ep_checkpoint(saved, path, optimizer)
 
-    loaded = ep_model(fields, mesh, device, dtype, None, seed=seed + 7, load=False)
+    loaded = ep_model(fields, mesh, device, dtype, None, seed=seed + 7, load=False, family=family)
     loaded_optimizer = torch.optim.AdamW(ep_parameter_groups(loaded), lr=1e-3, foreach=True)
     load_ep_checkpoint(loaded, path, loaded_optimizer)
     loaded_state = loaded.state_dict()
@@ -274,7 +289,7 @@ def check_dcp_round_trip(rank: int, world: int, device, dtype, fields: dict, wor
 
     # Resharding: the EP=world checkpoint into one unsharded model on each rank.
     full = full_state_dict(saved)
-    single = reference_model(fields, seed + 9, device, dtype)
+    single = reference_model(fields, seed + 9, device, dtype, family)
     state = {"model": single.state_dict()}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
@@ -291,17 +306,18 @@ def _local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def check_save_final_model(rank: int, world: int, device, dtype, fields: dict, workdir: str, *, seed: int = 0) -> dict:
-    """save_final_model_ep at EP=world -> from_pretrained at EP=1 -> convert_mixtral_te_to_hf."""
+def check_save_final_model(rank: int, world: int, device, dtype, fields: dict, workdir: str, *, seed: int = 0,
+                           family: ModelFamily = MIXTRAL) -> dict:
+    """save_final_model_ep at EP=world -> from_pretrained at EP=1 -> the family's converter to HF."""
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("ep",))
-    ref = reference_model(fields, seed, device, dtype).eval()
-    model = ep_model(fields, mesh, device, dtype, ref.state_dict(), seed=seed + 1)
+    ref = reference_model(fields, seed, device, dtype, family).eval()
+    model = ep_model(fields, mesh, device, dtype, ref.state_dict(), seed=seed + 1, family=family)
     path = os.path.join(workdir, "final")
     save_final_model_ep(model, path)  # every rank; rank 0 writes, the others wait at a barrier
 
-    loaded = NVMixtralForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    loaded = family.model_class.from_pretrained(path, dtype=dtype).to(device).eval()
     ref_state = ref.state_dict()
     mismatched = [k for k, v in weights(loaded.state_dict()).items() if not torch.equal(v, ref_state[k])]
     ids, _ = make_batch(world, 2, 8, fields["vocab_size"], seed + 2, device)
@@ -310,9 +326,9 @@ def check_save_final_model(rank: int, world: int, device, dtype, fields: dict, w
         worst.add("logits", loaded(input_ids=ids).logits, ref(input_ids=ids).logits)
         # HF in fp32 on the CPU (its router runs in the model dtype, ours always in fp32), against the
         # same checkpoint loaded on the CPU with CPU backends (TE modules, if any, cannot run there)
-        nv_cpu = NVMixtralForCausalLM.from_pretrained(path, dtype=torch.float32, attn_backend="sdpa",
+        nv_cpu = family.model_class.from_pretrained(path, dtype=torch.float32, attn_backend="sdpa",
                                                       expert_backend="loop", permute_backend="torch").eval()
-        hf = convert_mixtral_te_to_hf(nv_cpu).eval()
+        hf = family.to_hf(nv_cpu).eval()
         worst.add("hf_logits", hf(input_ids=ids.cpu()).logits, nv_cpu(input_ids=ids.cpu()).logits)
     metrics = worst.metrics()
     metrics["mismatched_tensors"] = len(mismatched)
@@ -323,7 +339,8 @@ def check_save_final_model(rank: int, world: int, device, dtype, fields: dict, w
 
 
 def check_fsdp_step(rank: int, world: int, device, dtype, fields: dict, *, dp: int, seed: int = 0,
-                    lr: float = 1e-3, eps: float = 1e-4, flat_dense: bool = False) -> dict:
+                    lr: float = 1e-3, eps: float = 1e-4, flat_dense: bool = False,
+                    family: ModelFamily = MIXTRAL) -> dict:
     """FSDP2 on ``mesh["dp"]`` of a (dp, world // dp) mesh + EP over ``mesh["ep"]``: the gradients
     and one AdamW step equal the single-process ones on the concatenated batch. Routers balance
     over the whole world (``router_group``), so the aux loss is the reference's. Also loads a full
@@ -340,15 +357,15 @@ def check_fsdp_step(rank: int, world: int, device, dtype, fields: dict, *, dp: i
 
     ep = world // dp
     mesh = init_device_mesh(device.type, (dp, ep), mesh_dim_names=("dp", "ep"))
-    ref = reference_model(fields, seed, device, dtype)
+    ref = reference_model(fields, seed, device, dtype, family)
     full = {k: v.detach().clone() for k, v in weights(ref.state_dict()).items()}
 
     def sharded(load_before: bool):
         model = ep_model(fields, mesh["ep"], device, dtype, full, seed=seed + 1, router_group=dist.group.WORLD,
-                         load=load_before)
+                         load=load_before, family=family)
         dense_mesh = mesh._flatten("dp_ep") if flat_dense else mesh["dp"]
         for layer in model.model.layers:
-            if flat_dense:
+            if flat_dense and hasattr(layer.mlp, "router"):  # an MoE layer (Qwen3 has dense ones too)
                 fully_shard(layer.mlp.experts, mesh=mesh["dp"])
             fully_shard(layer, mesh=dense_mesh)
         fully_shard(model, mesh=dense_mesh)

@@ -1,9 +1,10 @@
 """Every token dispatcher the model tests run on, in one place: add new dispatchers here.
 
 Each entry is a ``pytest.param(factory, id=...)``; ``factory(config) -> TokenDispatcher`` for an
-``NVMixtralConfig`` with ``expert_parallel_size == 1``. Entries that cannot run on this machine
-are left out (the triton permute backend runs on CPU through TRITON_INTERPRET=1, set in
-tests/conftest.py, and is slow there: tests keep its inputs tiny).
+NV model config (``NVMixtralConfig``, ``NVQwen3MoeConfig``) with ``expert_parallel_size == 1``.
+Entries that cannot run on this machine are left out (the triton permute backend runs on CPU
+through TRITON_INTERPRET=1, set in tests/conftest.py, and is slow there: tests keep its inputs
+tiny).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from moe_dispatch.permute import resolve_backend
 
 def _all_to_all(permute_backend: str):
     def factory(config):
-        experts = config.num_local_experts
+        experts = config.num_routed_experts
         return AllToAllTokenDispatcher(experts, experts, config.hidden_size, 1, permute_backend=permute_backend)
 
     return factory
@@ -44,5 +45,5 @@ def dispatcher_params(device: torch.device | str = "cpu") -> list:
 
 
 def _nvlink(config):
-    experts = config.num_local_experts
+    experts = config.num_routed_experts
     return NVLinkTokenDispatcher(experts, experts, config.hidden_size, 1)

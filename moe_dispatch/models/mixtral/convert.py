@@ -1,6 +1,7 @@
 """Convert between HF ``MixtralForCausalLM`` and :class:`NVMixtralForCausalLM` (bitwise both ways).
 
-Key mapping (layer ``i``, expert ``e``; ``model.`` prefix optional on input)::
+Key mapping (layer ``i``, expert ``e``; ``model.`` prefix optional on input; the shared
+:mod:`moe_dispatch.models.common.convert` does it)::
 
     HF (transformers 5, in memory)          HF (checkpoints, transformers 4)        NVMixtral
     mlp.gate.weight [E, H]                  block_sparse_moe.gate.weight            mlp.router.gate.weight (fp32)
@@ -15,52 +16,34 @@ its shape and transposed.
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
-from contextlib import contextmanager
 
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from .config import NV_FIELDS, NVMixtralConfig
+from ..common.convert import (HFMoENames, convert_hf_to_nv, convert_nv_to_hf, hf_moe_state_dict_to_nv,
+                              nv_moe_state_dict_to_hf)
+from ..common.convert import hf_config_from_nv as _hf_config_from_nv
+from ..common.convert import nv_config_from_hf as _nv_config_from_hf
+from .config import NVMixtralConfig
 from .modeling import NVMixtralForCausalLM
 
 __all__ = ["convert_mixtral_hf_to_te", "convert_mixtral_te_to_hf", "hf_state_dict_to_te", "te_state_dict_to_hf",
-           "nv_config_from_hf", "hf_config_from_nv"]
+           "nv_config_from_hf", "hf_config_from_nv", "MIXTRAL_NAMES"]
 
-_LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.(?:block_sparse_moe|mlp)\.(.+)$")
-_PER_EXPERT = re.compile(r"^experts\.(\d+)\.(w1|w2|w3)\.weight$")
-_CONFIG_META = ("model_type", "architectures", "transformers_version", "auto_map")
+#: HF Mixtral's MoE names: ``block_sparse_moe`` in checkpoints, ``mlp`` in transformers 5.
+MIXTRAL_NAMES = HFMoENames(blocks=("block_sparse_moe", "mlp"), per_expert=("w1", "w3", "w2"))
 
 
 def nv_config_from_hf(hf_config: MixtralConfig, **overrides) -> NVMixtralConfig:
-    """An ``NVMixtralConfig`` with every field of ``hf_config``, then ``overrides``.
-
-    HF adds its router loss only with ``output_router_logits``; then ``moe_aux_loss_coeff``
-    defaults to its ``router_aux_loss_coef``.
-    """
-    fields = {k: v for k, v in hf_config.to_dict().items() if k not in _CONFIG_META}
-    if fields.get("output_router_logits"):
-        fields["moe_aux_loss_coeff"] = fields.get("router_aux_loss_coef", 0.0)
-    # Not a field of to_dict(); kept so that converting back gives the same attention kernel.
-    fields["attn_implementation"] = getattr(hf_config, "_attn_implementation", None)
-    fields.update(overrides)
-    return NVMixtralConfig(**fields)
+    """An ``NVMixtralConfig`` with every field of ``hf_config``, then ``overrides`` (HF's router
+    loss coefficient carried over when ``output_router_logits``)."""
+    return _nv_config_from_hf(hf_config, NVMixtralConfig, **overrides)
 
 
 def hf_config_from_nv(nv_config: NVMixtralConfig) -> MixtralConfig:
     """The ``MixtralConfig`` of ``nv_config`` (its added fields dropped)."""
-    fields = {k: v for k, v in nv_config.to_dict().items() if k not in _CONFIG_META and k not in NV_FIELDS}
-    fields["attn_implementation"] = getattr(nv_config, "_attn_implementation", None)
-    return MixtralConfig(**fields)
-
-
-def _oriented(tensor: torch.Tensor, shape: tuple[int, int, int], name: str) -> torch.Tensor:
-    if tuple(tensor.shape) == shape:
-        return tensor
-    if tuple(tensor.shape) == (shape[0], shape[2], shape[1]):
-        return tensor.transpose(1, 2).contiguous()
-    raise ValueError(f"{name} must have shape {list(shape)} (or its transpose in the last two dims), got {list(tensor.shape)}")
+    return _hf_config_from_nv(nv_config, MixtralConfig)
 
 
 def hf_state_dict_to_te(state_dict: Mapping[str, torch.Tensor], config: NVMixtralConfig) -> dict[str, torch.Tensor]:
@@ -71,98 +54,15 @@ def hf_state_dict_to_te(state_dict: Mapping[str, torch.Tensor], config: NVMixtra
     """
     if config.expert_parallel_size != 1:
         raise ValueError("convert with expert_parallel_size=1 (all experts), then shard the experts over the EP group")
-    num_experts, hidden, inter = config.num_local_experts, config.hidden_size, config.intermediate_size
-    out: dict[str, torch.Tensor] = {}
-    per_expert: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
-    for key, tensor in state_dict.items():
-        if key.endswith("rotary_emb.inv_freq"):
-            continue  # a buffer some old checkpoints saved
-        match = _LAYER.match(key)
-        if match is None:
-            out[key if key.startswith(("model.", "lm_head.")) else f"model.{key}"] = tensor
-            continue
-        layer, rest = int(match.group(1)), match.group(2)
-        prefix = f"model.layers.{layer}.mlp"
-        if rest == "gate.weight":
-            out[f"{prefix}.router.gate.weight"] = tensor.to(torch.float32)
-        elif rest == "experts.gate_up_proj":
-            out[f"{prefix}.experts.experts_gate_up_weight"] = _oriented(tensor, (num_experts, 2 * inter, hidden), key)
-        elif rest == "experts.down_proj":
-            out[f"{prefix}.experts.experts_down_weight"] = _oriented(tensor, (num_experts, hidden, inter), key)
-        elif (expert_match := _PER_EXPERT.match(rest)) is not None:
-            per_expert.setdefault((layer, expert_match.group(2)), {})[int(expert_match.group(1))] = tensor
-        else:
-            raise ValueError(f"unexpected MoE key in the HF state dict: {key!r}")
-    layers = sorted({layer for layer, _ in per_expert})
-    for layer in layers:
-        stacked = {}
-        for w in ("w1", "w2", "w3"):
-            experts = per_expert.get((layer, w), {})
-            if sorted(experts) != list(range(num_experts)):
-                raise ValueError(f"layer {layer}: {w} weights of experts {sorted(experts)} found, "
-                                 f"expected experts 0..{num_experts - 1}")
-            stacked[w] = torch.stack([experts[e] for e in range(num_experts)])
-        prefix = f"model.layers.{layer}.mlp.experts"
-        out[f"{prefix}.experts_gate_up_weight"] = torch.cat([stacked["w1"], stacked["w3"]], dim=1)  # [E, 2I, H]
-        out[f"{prefix}.experts_down_weight"] = stacked["w2"]  # [E, H, I]
-    return out
+    return hf_moe_state_dict_to_nv(state_dict, MIXTRAL_NAMES, num_experts=config.num_local_experts,
+                                   hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+                                   moe_layers=range(config.num_hidden_layers))
 
 
 def te_state_dict_to_hf(state_dict: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """NVMixtral state dict -> the layout of ``target`` (an HF Mixtral state dict, for its keys,
     shapes and dtypes: fused ``gate_up_proj`` or per-expert ``w1/w2/w3``)."""
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in state_dict.items():
-        if key.endswith("_extra_state"):
-            continue  # TE FP8 scaling state: no HF counterpart
-        match = re.match(r"^model\.layers\.(\d+)\.mlp\.(.+)$", key)
-        if match is None:
-            out[key] = tensor
-            continue
-        layer, rest = match.groups()
-        if rest == "router.gate.weight":
-            hf_key = _first_present(target, f"model.layers.{layer}.mlp.gate.weight",
-                                    f"model.layers.{layer}.block_sparse_moe.gate.weight")
-            out[hf_key] = tensor.to(target[hf_key].dtype)
-        elif rest in ("experts.experts_gate_up_weight", "experts.experts_down_weight"):
-            fused = f"model.layers.{layer}.mlp.experts." + ("gate_up_proj" if "gate_up" in rest else "down_proj")
-            if fused in target:
-                out[fused] = _oriented(tensor, tuple(target[fused].shape), key) if tensor.shape != target[fused].shape else tensor
-                continue
-            prefix = f"model.layers.{layer}.block_sparse_moe.experts"
-            if "gate_up" in rest:
-                gate, up = tensor.chunk(2, dim=1)
-                for e in range(tensor.shape[0]):
-                    out[f"{prefix}.{e}.w1.weight"], out[f"{prefix}.{e}.w3.weight"] = gate[e], up[e]
-            else:
-                for e in range(tensor.shape[0]):
-                    out[f"{prefix}.{e}.w2.weight"] = tensor[e]
-        else:
-            raise ValueError(f"unexpected MoE key in the NVMixtral state dict: {key!r}")
-    return out
-
-
-def _first_present(mapping: Mapping, *keys: str) -> str:
-    for key in keys:
-        if key in mapping:
-            return key
-    raise ValueError(f"none of {keys} in the target HF model")
-
-
-@contextmanager
-def _building(device: torch.device, dtype: torch.dtype):
-    """Construct modules on ``device`` in ``dtype`` without running their initialisers."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # pragma: no cover - older transformers
-        from transformers.modeling_utils import no_init_weights
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device), no_init_weights():
-            yield
-    finally:
-        torch.set_default_dtype(previous)
+    return nv_moe_state_dict_to_hf(state_dict, target, MIXTRAL_NAMES)
 
 
 def convert_mixtral_hf_to_te(model_hf, *, config: MixtralConfig | None = None, dispatcher=None, fp8_recipe=None,
@@ -179,22 +79,8 @@ def convert_mixtral_hf_to_te(model_hf, *, config: MixtralConfig | None = None, d
     Returns:
         The model on ``model_hf``'s device and dtype (router gates fp32), in its train/eval mode.
     """
-    if isinstance(model_hf, Mapping):
-        if config is None:
-            raise ValueError("converting a state dict needs config= (the HF MixtralConfig)")
-        state_dict, hf_config, training = model_hf, config, False
-    else:
-        state_dict, hf_config, training = model_hf.state_dict(), model_hf.config, model_hf.training
-    nv_config = nv_config_from_hf(hf_config, **config_overrides)
-    nv_state = hf_state_dict_to_te(state_dict, nv_config)
-    if "lm_head.weight" not in nv_state and nv_config.tie_word_embeddings:
-        nv_state["lm_head.weight"] = nv_state["model.embed_tokens.weight"]
-    embed = nv_state["model.embed_tokens.weight"]
-    with _building(embed.device, embed.dtype):
-        model = NVMixtralForCausalLM(nv_config, fp8_recipe=fp8_recipe, fp4_recipe=fp4_recipe, dispatcher=dispatcher)
-    model.load_state_dict(nv_state, strict=False)
-    _check_loaded(model, nv_state)
-    return model.train(training)
+    return convert_hf_to_nv(model_hf, config, NVMixtralConfig, NVMixtralForCausalLM, hf_state_dict_to_te,
+                            dispatcher=dispatcher, fp8_recipe=fp8_recipe, fp4_recipe=fp4_recipe, **config_overrides)
 
 
 def convert_mixtral_te_to_hf(model_te: NVMixtralForCausalLM) -> MixtralForCausalLM:
@@ -204,22 +90,4 @@ def convert_mixtral_te_to_hf(model_te: NVMixtralForCausalLM) -> MixtralForCausal
     Raises:
         ValueError: the model holds only one EP rank's experts (``expert_parallel_size > 1``).
     """
-    if model_te.config.expert_parallel_size != 1:
-        raise ValueError("convert_mixtral_te_to_hf needs all experts: gather them (expert_parallel_size=1) first")
-    hf_config = hf_config_from_nv(model_te.config)
-    embed = model_te.model.embed_tokens.weight
-    with _building(embed.device, embed.dtype):
-        model_hf = MixtralForCausalLM(hf_config)
-    hf_state = te_state_dict_to_hf(model_te.state_dict(), model_hf.state_dict())
-    model_hf.load_state_dict(hf_state, strict=False)
-    _check_loaded(model_hf, hf_state)
-    return model_hf.train(model_te.training)
-
-
-def _check_loaded(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Every parameter / persistent buffer of ``model`` came from ``state`` (ignoring TE's
-    ``_extra_state`` and tied weights), and nothing in ``state`` was left over."""
-    expected = {k for k in model.state_dict() if not k.endswith("_extra_state")}
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ValueError(f"conversion mismatch: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    return convert_nv_to_hf(model_te, MixtralConfig, MixtralForCausalLM, te_state_dict_to_hf)
