@@ -50,7 +50,7 @@ import triton.language as tl
 
 from .launcher import launch
 
-__all__ = ["permute", "unpermute", "unpermute_backward"]
+__all__ = ["permute", "unpermute", "unpermute_backward", "permute_by_map"]
 
 _INT32_MAX = 2**31 - 1
 # The scan reads its whole table hist [B, E] in one tile of at most this many elements (more
@@ -524,19 +524,41 @@ def unpermute_backward(
         ``(grad_permuted [M, H] in permuted's dtype, zero on rows no slot maps to;
         grad_merging_probs [N, K] in merging_probs' dtype, or None)``.
     """
+    return _scatter_rows(grad_out, permuted, permuted.shape[0], row_id_map, merging_probs, probs_grad)
+
+
+def permute_by_map(tokens: torch.Tensor, row_id_map: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``out[row_id_map[n, k]] = tokens[n]`` for kept slots; rows no slot maps to are zero.
+
+    Args:
+        tokens: ``[N, H]`` floating point (any row stride).
+        row_id_map: int64 ``[N, K]``, rows in ``[0, num_rows)`` or -1, each row used at most once.
+        num_rows: M.
+
+    Returns:
+        ``[M, H]`` in tokens' dtype. (The kernel of :func:`unpermute_backward` without weights.)
+    """
+    return _scatter_rows(tokens, None, num_rows, row_id_map, None, False)[0]
+
+
+def _scatter_rows(grad_out, permuted, num_rows, row_id_map, merging_probs, probs_grad):
+    """``unpermute_backward``; ``permuted`` None (no weights' gradient): output in grad_out's dtype."""
     num_tokens, topk = row_id_map.shape
-    num_rows, hidden = permuted.shape
-    device = permuted.device
-    if hidden > 0 and permuted.stride(1) != 1:
+    hidden = grad_out.shape[1]
+    device = grad_out.device
+    if permuted is not None and hidden > 0 and permuted.stride(1) != 1:
         permuted = permuted.contiguous()
     if hidden > 0 and grad_out.stride(1) != 1:
         grad_out = grad_out.contiguous()
-    grad_permuted = torch.empty(num_rows, hidden, dtype=permuted.dtype, device=device)
+    out_dtype = grad_out.dtype if permuted is None else permuted.dtype
+    grad_permuted = torch.empty(num_rows, hidden, dtype=out_dtype, device=device)
+    if permuted is None:
+        permuted = grad_permuted  # never read without PROBS_GRAD: a pointer and a row stride
     grad_probs = torch.empty(num_tokens, topk, dtype=merging_probs.dtype, device=device) if probs_grad else None
     rid = row_id_map.contiguous()
     used = torch.zeros(num_rows + 1, dtype=torch.int8, device=device)
     used.index_fill_(0, torch.where(rid >= 0, rid, num_rows).reshape(-1), 1)  # slot rows; -1 -> row M
-    block_k, block_h, num_warps = _row_plan(topk, hidden, permuted.element_size(), 4096, 8192)
+    block_k, block_h, num_warps = _row_plan(topk, hidden, grad_permuted.element_size(), 4096, 8192)
     zero_block, zero_rows = 128, min(64, max(1, 8192 // block_h))
     n_zero = triton.cdiv(num_rows, zero_block)
     grid = n_zero + num_tokens

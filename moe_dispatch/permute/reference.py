@@ -115,6 +115,11 @@ def unpermute(
     return unpermute_rows(permuted, row_id_map, merging_probs)
 
 
+def permute_by_map(tokens: torch.Tensor, row_id_map: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Backend interface name of :func:`permute_rows` (a row_id_map computed elsewhere)."""
+    return permute_rows(tokens, row_id_map, num_rows)
+
+
 def permute_slot_values(values: torch.Tensor, row_id_map: torch.Tensor, num_out_rows: int) -> torch.Tensor:
     """Move one value per (n, k) slot (e.g. routing probs ``[N, K]``) to its permuted row: ``[M]``,
     0 on padding rows. Each slot is treated as a one-element "token" of its own."""

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["is_available", "why_unavailable", "permute", "unpermute"]
+__all__ = ["is_available", "why_unavailable", "permute", "unpermute", "permute_by_map"]
 
 _INSTALL = "triton is not importable: pip install triton (it ships with CUDA builds of torch)"
 
@@ -202,6 +202,18 @@ class _UnpermuteFn(torch.autograd.Function):
         return grad_permuted, None, grad_probs
 
 
+class _PermuteByMapFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tokens, row_id_map, num_rows):
+        ctx.save_for_backward(row_id_map)
+        return _kernels().permute_by_map(tokens, row_id_map, num_rows)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (row_id_map,) = ctx.saved_tensors
+        return unpermute(grad_out, row_id_map, None), None, None
+
+
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -237,3 +249,12 @@ def unpermute(
     if _needs_grad(permuted, merging_probs):
         return _UnpermuteFn.apply(permuted, row_id_map, merging_probs)
     return _kernels().unpermute(permuted, row_id_map, merging_probs)
+
+
+def permute_by_map(tokens: torch.Tensor, row_id_map: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``[num_rows, H]``: ``out[row_id_map[n, k]] = tokens[n]``, zero rows elsewhere, for a
+    ``row_id_map`` computed elsewhere (e.g. the all-to-all capacity layout); each row used at most
+    once. Differentiable w.r.t. ``tokens`` (backward: an unpermute without weights). No host sync."""
+    if _needs_grad(tokens):
+        return _PermuteByMapFn.apply(tokens, row_id_map, num_rows)
+    return _kernels().permute_by_map(tokens, row_id_map, num_rows)
