@@ -138,3 +138,40 @@ def test_constructor_and_input_errors():
     out = d.dispatch(torch.randn(2, 8), torch.tensor([[0, 3], [1, -1]]), torch.rand(2, 2))
     with pytest.raises(ValueError, match="expert_output"):
         d.combine(torch.randn(3, 8), out.handle)
+
+
+_SYNCING_OPS = {"aten::nonzero", "aten::_local_scalar_dense", "aten::masked_select", "aten::bincount",
+                "aten::_unique2", "aten::unique_consecutive", "aten::unique_dim", "aten::item"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_capacity_path_uses_no_op_that_syncs_on_cuda(backend):
+    """On CPU, the ATen ops of a capacity-mode step (dispatch, combine, backward) contain none that
+    makes CUDA wait for the host (the GPU test runs it under set_sync_debug_mode("error"))."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name
+            if name == "aten::index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                             for i in (args[1] if len(args) > 1 else [])):
+                name = "aten::index(bool mask)"
+            if name == "aten::repeat_interleave" and "output_size" not in (kwargs or {}):
+                name = "aten::repeat_interleave(no output_size)"
+            seen.add(name)
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(0)
+    se, w = routing("random", 10, 2, 4, g)
+    se = se.clamp(min=0)  # valid ids: invalid ones are checked on CPU only (a host read on GPU)
+    x = torch.randn(10, 8, requires_grad=True)
+    w.requires_grad_()
+    d = AllToAllTokenDispatcher(4, 4, 8, permute_backend=backend, max_tokens_per_rank=3, dropless=False)
+    d._exchange_capacity_counts = lambda counts, *_: counts  # the CPU-only id check reads the host
+    with Record():
+        out = d.dispatch(x, se, w)
+        d.combine(out.expert_input * 2, out.handle).sum().backward()
+    bad = {n for n in seen if n in _SYNCING_OPS or "bool mask" in n or "no output_size" in n}
+    assert not bad, bad

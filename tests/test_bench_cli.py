@@ -28,3 +28,16 @@ def test_bench_cli_rejects_unknown_backend():
     proc = subprocess.run([sys.executable, "-m", "moe_dispatch.bench", "--backends", "magic"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "unknown backends" in proc.stderr
+
+
+@pytest.mark.distributed
+def test_bench_cli_capacity_backend_cpu(tmp_path):
+    """The capacity-mode all-to-all row runs on gloo (no graph column on CPU)."""
+    out_json = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "moe_dispatch.bench", "--cpu", "--nproc", "2", "--tokens", "0", "16", "--hidden", "8",
+         "--experts", "4", "--topk", "2", "--iters", "1", "--warmup", "1", "--backends", "all_to_all+capacity",
+         "--out", str(out_json)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [r["backend"] for r in rows] == ["all_to_all+capacity"] * 2 and all(r["us_graph"] is None for r in rows)

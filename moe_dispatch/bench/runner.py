@@ -6,6 +6,10 @@ table: microseconds each way, the bytes that must cross ranks per second, and th
 percentage of the limit measured in the same run (GPU: the P2P copy bandwidth between two GPUs;
 CPU: this machine's memory copy bandwidth, for reference only).
 
+Dispatchers without host syncs (``all_to_all+capacity``, and any in capacity mode) are also
+timed replayed from a CUDA graph (dispatch + combine in one graph): the ``us graph`` column, beside
+the eager ``us d+c`` (at ``--nproc 1`` this is the all-to-all at EP=1 on an NCCL world of one).
+
 "Remote bytes" counts each token once per *other* rank that holds one of its experts: the least
 any dispatcher must move (the lower bound in ../shared/ANCHORS.md), so the percentage is
 ``lower bound / measured time``.
@@ -102,7 +106,7 @@ def _timer(use_cuda: bool):
 
 def bench_one(make, E, K, H, T, args, rank, world, device, dtype):
     L = E // world
-    dispatcher = make(E, L, H, world)
+    dispatcher = make(E, L, H, world, T) if getattr(make, "needs_tokens", False) else make(E, L, H, world)
     dispatcher.set_ep_group(dist.group.WORLD if world > 1 else None)
     g = torch.Generator(device=device).manual_seed(1000 * rank + T)
     x = torch.randn(T, H, device=device, dtype=dtype, generator=g)
@@ -118,15 +122,45 @@ def bench_one(make, E, K, H, T, args, rank, world, device, dtype):
         if i >= args.warmup:
             times_d.append(td.ms()), times_c.append(tc.ms())
     torch.testing.assert_close(y.float(), (x.float() * weights.sum(1, keepdim=True)), rtol=2e-2, atol=2e-2)
+    ms_graph = float("nan")
+    if args.use_cuda and getattr(dispatcher, "dropless", True) is False:
+        ms_graph = graph_ms(dispatcher, x, selected, weights, args)
     close = getattr(dispatcher, "close", None)
     if close:
         close()
     stats = torch.tensor([statistics.median(times_d), statistics.median(times_c),
-                          float(remote_rows(selected, rank, L, world))], dtype=torch.float64)
+                          float(remote_rows(selected, rank, L, world)), ms_graph], dtype=torch.float64)
     stats = stats.to(device) if args.use_cuda else stats
     dist.all_reduce(stats, op=dist.ReduceOp.MAX)  # the slowest rank sets the step time
-    ms_d, ms_c, rows = stats.tolist()
-    return ms_d, ms_c, rows * H * dtype.itemsize
+    ms_d, ms_c, rows, ms_graph = stats.tolist()
+    return ms_d, ms_c, rows * H * dtype.itemsize, ms_graph
+
+
+def graph_ms(dispatcher, x, selected, weights, args) -> float:
+    """Median ms of one replay of dispatch + combine captured in one CUDA graph (checked against
+    the identity-expert result)."""
+    def step():
+        out = dispatcher.dispatch(x, selected, weights)
+        return dispatcher.combine(out.expert_input, out.handle)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up off the capture stream
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = step()
+    times = []
+    for i in range(args.warmup + args.iters):
+        dist.barrier()
+        with _timer(True) as t:
+            graph.replay()
+        if i >= args.warmup:
+            times.append(t.ms())
+    torch.testing.assert_close(y.float(), (x.float() * weights.sum(1, keepdim=True)), rtol=2e-2, atol=2e-2)
+    return statistics.median(times)
 
 
 def measure_limit(args, rank, world) -> tuple[str, float]:
@@ -158,12 +192,14 @@ def run_rank(rank, world, port, args, queue):
                         if name in skipped:
                             continue
                         try:
-                            ms_d, ms_c, remote_bytes = bench_one(BACKENDS[name], E, K, H, T, args, rank, world, device, dtype)
+                            ms_d, ms_c, remote_bytes, ms_graph = bench_one(BACKENDS[name], E, K, H, T, args, rank, world,
+                                                                           device, dtype)
                         except (ImportError, ValueError, RuntimeError) as exc:  # backend not usable here
                             skipped[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
                             continue
                         rows.append(dict(backend=name, tokens=T, hidden=H, experts=E, topk=K, nproc=world,
-                                         us_dispatch=ms_d * 1e3, us_combine=ms_c * 1e3, remote_bytes=remote_bytes))
+                                         us_dispatch=ms_d * 1e3, us_combine=ms_c * 1e3, remote_bytes=remote_bytes,
+                                         us_graph=None if ms_graph != ms_graph else ms_graph * 1e3))
         if rank == 0:
             queue.put(("ok", dict(limit_name=limit_name, limit_gbps=limit, rows=rows, skipped=skipped,
                                   device=torch.cuda.get_device_name(0) if args.use_cuda else "cpu",
@@ -181,14 +217,16 @@ def format_table(result: dict) -> str:
             f"{result['dtype']}, torch {result['torch']}; limit = {result['limit_name']} {limit:.0f} GB/s "
             "(measured in this run)")
     lines = [head, f"{'backend':<20}{'E/K':>7}{'H':>6}{'tokens':>8}{'us disp':>10}{'us comb':>10}"
-                   f"{'GB/s disp':>11}{'GB/s comb':>11}{'% limit d/c':>13}"]
+                   f"{'GB/s disp':>11}{'GB/s comb':>11}{'% limit d/c':>13}{'us d+c':>9}{'us graph':>10}"]
     for r in result["rows"]:
         gd = r["remote_bytes"] / r["us_dispatch"] / 1e3 if r["us_dispatch"] else 0.0
         gc = r["remote_bytes"] / r["us_combine"] / 1e3 if r["us_combine"] else 0.0
         r["gbps_dispatch"], r["gbps_combine"] = gd, gc
         pct = f"{100 * gd / limit:.0f}/{100 * gc / limit:.0f}" if limit else "-"
+        graph = "-" if r.get("us_graph") is None else f"{r['us_graph']:.1f}"
         lines.append(f"{r['backend']:<20}{r['experts']:>4}/{r['topk']:<2}{r['hidden']:>6}{r['tokens']:>8}"
-                     f"{r['us_dispatch']:>10.1f}{r['us_combine']:>10.1f}{gd:>11.1f}{gc:>11.1f}{pct:>13}")
+                     f"{r['us_dispatch']:>10.1f}{r['us_combine']:>10.1f}{gd:>11.1f}{gc:>11.1f}{pct:>13}"
+                     f"{r['us_dispatch'] + r['us_combine']:>9.1f}{graph:>10}")
     for name, why in result["skipped"].items():
         lines.append(f"skipped {name}: {why}")
     return "\n".join(lines)

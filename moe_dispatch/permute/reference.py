@@ -116,8 +116,14 @@ def unpermute(
 
 
 def permute_by_map(tokens: torch.Tensor, row_id_map: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """Backend interface name of :func:`permute_rows` (a row_id_map computed elsewhere)."""
-    return permute_rows(tokens, row_id_map, num_rows)
+    """:func:`permute_rows` without its boolean-mask indexing (a host sync on GPU): every slot is
+    copied, dropped ones into an extra row ``num_rows`` that is cut off. Same values, and the
+    same gradient (dropped slots add exact zeros). For a ``row_id_map`` computed elsewhere."""
+    num_tokens, topk = row_id_map.shape
+    rows = torch.where(row_id_map >= 0, row_id_map, num_rows).reshape(-1)
+    src = tokens.index_select(0, torch.arange(num_tokens * topk, device=tokens.device) // topk)
+    out = tokens.new_zeros(num_rows + 1, tokens.shape[1])
+    return out.index_copy(0, rows, src)[:num_rows]
 
 
 def permute_slot_values(values: torch.Tensor, row_id_map: torch.Tensor, num_out_rows: int) -> torch.Tensor:
