@@ -14,13 +14,17 @@ the row of ``permuted`` holding token n's copy for its k-th expert, -1 when drop
 grouped by expert, in (token, k) order inside an expert; each expert's group starts at a
 multiple of ``align_size`` (padding rows are zero); rows at or past M are dropped.
 
-Permute = a counting sort in three kernels, O(S) work, deterministic, no host sync:
+Permute = a counting sort, O(S) work, deterministic, no host sync, in two launches (three for
+large inputs), each through the cached launcher of :mod:`.launcher`:
 
 1. ``_expert_hist_kernel``, B programs: ``hist[b, e]`` = slots of chunk b that chose expert e.
 2. ``_expert_scan_kernel``, 1 program: ``counts[e] = sum_b hist[b, e]``; padded starts
    ``ps[e] = sum_{e' < e} ceil(counts[e'] / a) * a``; chunk bases
    ``base[b, e] = ps[e] + sum_{b' < b} hist[b', e]``; and ``meta`` (int32 ``[2, E + 1]``):
    ``meta[0] = ps`` with ``ps[E]`` = rows used, ``meta[1] = counts`` with ``counts[E]`` = kept slots.
+   For small inputs (``N * K * pow2(E) <= 2**18``) steps 1 and 2 are one launch of
+   ``_expert_count_scan_kernel`` (one program, compare-and-count over many chunks at a time):
+   the same ``base`` and ``meta``, no ``hist``.
 3. ``_permute_kernel``, one program per token n (chunk b): the row of slot (n, k) with expert e
    is ``base[b, e]`` + the number of slots of chunk b before (n, k) with expert e (a compare of
    its K ids with the < C ids of its chunk before it), -1 if it falls at or past M. It writes
@@ -38,7 +42,8 @@ Worked example, N=3, K=2, E=3, align 1, one chunk (T >= 3)::
 
 Unpermute: ``_unpermute_kernel`` gathers a token's K rows and sums them in fp32 (one program per
 token); ``_unpermute_bwd_kernel`` scatters ``grad_out[n] * p[n, k]`` back to the rows and takes
-the row-wise dots for the gradient of the weights.
+the row-wise dots for the gradient of the weights. Without weights the same kernel is
+``permute_by_map``: a permute along a ``row_id_map`` computed elsewhere (all-to-all capacity mode).
 """
 from __future__ import annotations
 
