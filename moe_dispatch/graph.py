@@ -26,7 +26,27 @@ import torch
 
 from .moe import MoELayer, MoEOutput
 
-__all__ = ["capture_moe_layer"]
+__all__ = ["capture_moe_layer", "capture"]
+
+
+def capture(fn: Callable[[], object], *, warmup_iters: int = 2) -> tuple[torch.cuda.CUDAGraph, object]:
+    """Warm ``fn()`` up on a side stream (kernels compile, caches fill; as ``torch.cuda.graph``
+    advises), then record one call in a CUDA graph on the current device.
+
+    Returns:
+        ``(graph, static_output)``: ``graph.replay()`` reruns the recorded work, writing into
+        ``static_output`` (and into whatever else ``fn`` wrote, e.g. gradients).
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup_iters):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
 
 
 def capture_moe_layer(layer: MoELayer, sample_input: torch.Tensor, *, warmup_iters: int = 3) -> Callable[[torch.Tensor], MoEOutput]:
@@ -62,15 +82,8 @@ def capture_moe_layer(layer: MoELayer, sample_input: torch.Tensor, *, warmup_ite
 
 def _capture_forward(layer: MoELayer, sample_input: torch.Tensor, warmup_iters: int) -> Callable[[torch.Tensor], MoEOutput]:
     static_in = sample_input.detach().clone()
-    side = torch.cuda.Stream(device=static_in.device)
-    side.wait_stream(torch.cuda.current_stream(static_in.device))
-    with torch.cuda.stream(side):  # warm up off the capture stream, as torch.cuda.graph advises
-        for _ in range(warmup_iters):
-            layer(static_in)
-    torch.cuda.current_stream(static_in.device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = layer(static_in)
+    with torch.cuda.device(static_in.device):
+        graph, static_out = capture(lambda: layer(static_in), warmup_iters=warmup_iters)
 
     def replay(x: torch.Tensor) -> MoEOutput:
         if x.shape != static_in.shape or x.dtype != static_in.dtype:

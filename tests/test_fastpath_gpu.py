@@ -156,17 +156,15 @@ def test_graph_replay_equals_eager_dispatch_experts_combine_backward(backend):
         y, out = _capacity_step(d, x, se, w, W)
         return y.detach().clone(), x.grad.clone(), w.grad.clone(), W.grad.clone()
 
+    from moe_dispatch.graph import capture
+
     ref = eager()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            eager()
-    torch.cuda.current_stream().wait_stream(side)
-    x.grad = w.grad = W.grad = None
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y, _ = _capacity_step(d, x, se, w, W)
+
+    def step():
+        x.grad = w.grad = W.grad = None
+        return _capacity_step(d, x, se, w, W)[0]
+
+    graph, y = capture(step)
     for _ in range(2):
         x.grad.zero_(), w.grad.zero_(), W.grad.zero_()
         graph.replay()

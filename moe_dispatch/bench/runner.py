@@ -143,15 +143,9 @@ def graph_ms(dispatcher, x, selected, weights, args) -> float:
         out = dispatcher.dispatch(x, selected, weights)
         return dispatcher.combine(out.expert_input, out.handle)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up off the capture stream
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = step()
+    from ..graph import capture
+
+    graph, y = capture(step)
     times = []
     for i in range(args.warmup + args.iters):
         dist.barrier()

@@ -87,6 +87,19 @@ def _expert_hist_kernel(ids_ptr, hist_ptr, S, E, C, BLOCK_C: tl.constexpr, NBINS
 
 
 @triton.jit
+def _store_meta(meta_ptr, counts, align, E, ev, emask):
+    """Write ``meta`` (int32 ``[2, E + 1]``) from the per-expert ``counts``; returns the padded
+    starts ``ps`` ``[BLOCK_E]``."""
+    padded = (counts + align - 1) // align * align
+    ps = tl.cumsum(padded, axis=0) - padded
+    tl.store(meta_ptr + ev, ps, mask=emask)
+    tl.store(meta_ptr + E, tl.sum(padded, axis=0))
+    tl.store(meta_ptr + (E + 1) + ev, counts, mask=emask)
+    tl.store(meta_ptr + (E + 1) + E, tl.sum(counts, axis=0))
+    return ps
+
+
+@triton.jit
 def _expert_scan_kernel(
     hist_ptr, base_ptr, meta_ptr, B, E, align, TB: tl.constexpr, BLOCK_E: tl.constexpr, ONE_TILE: tl.constexpr
 ):
@@ -108,12 +121,7 @@ def _expert_scan_kernel(
             r = b0 + rb
             m = (r[:, None] < B) & emask[None, :]
             counts += tl.sum(tl.load(hist_ptr + r[:, None] * E + ev[None, :], mask=m, other=0), axis=0)
-    padded = (counts + align - 1) // align * align
-    ps = tl.cumsum(padded, axis=0) - padded
-    tl.store(meta_ptr + ev, ps, mask=emask)
-    tl.store(meta_ptr + E, tl.sum(padded, axis=0))
-    tl.store(meta_ptr + (E + 1) + ev, counts, mask=emask)
-    tl.store(meta_ptr + (E + 1) + E, tl.sum(counts, axis=0))
+    ps = _store_meta(meta_ptr, counts, align, E, ev, emask)
     if ONE_TILE:
         tl.store(base_ptr + rb[:, None] * E + ev[None, :], ps[None, :] + tl.cumsum(h, axis=0) - h, mask=tile_mask)
     else:
@@ -151,12 +159,7 @@ def _expert_count_scan_kernel(
     counts = tl.zeros([BLOCK_E], dtype=tl.int32)
     for b0 in range(0, B, CPT):
         counts += tl.sum(_chunk_hist(ids_ptr, b0 + cb, j, S, C, E, ev), axis=0)
-    padded = (counts + align - 1) // align * align
-    ps = tl.cumsum(padded, axis=0) - padded
-    tl.store(meta_ptr + ev, ps, mask=emask)
-    tl.store(meta_ptr + E, tl.sum(padded, axis=0))
-    tl.store(meta_ptr + (E + 1) + ev, counts, mask=emask)
-    tl.store(meta_ptr + (E + 1) + E, tl.sum(counts, axis=0))
+    ps = _store_meta(meta_ptr, counts, align, E, ev, emask)
     run = ps
     for b0 in range(0, B, CPT):
         r = b0 + cb
