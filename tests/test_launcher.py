@@ -44,7 +44,7 @@ def test_second_call_reuses_the_compiled_kernel(fast):
     launcher.launch(k, (3,), (x, 5), {"BLOCK": 16}, 4)
     launcher.launch(k, (4, 2), (x, 7), {"BLOCK": 16}, 4)
     assert k.log[0][0] == "slow" and k.log[0][3] == {"BLOCK": 16, "num_warps": 4}
-    assert k.log[1] == ("fast", 4, 2, 1, 77, "fn", "meta", None, None, None, x, 7, 16)
+    assert k.log[1] == ("fast", 4, 2, 1, 77, "fn", "meta", None, None, None, x.data_ptr(), 7, 16)
 
 
 @pytest.mark.parametrize("first, second", [

@@ -174,10 +174,10 @@ def test_counting_sort_many_chunks(e, chunk_tokens, scan_tile, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("n, k, e", [(160, 1, 256), (100, 2, 9), (0, 2, 5), (1, 8, 8)])
+@pytest.mark.parametrize("n, k, e", [(300, 1, 32), (100, 2, 9), (0, 2, 5), (1, 8, 8), (8, 8, 256)])
 def test_fused_count_scan_loops_over_tiles(n, k, e, device):
     """The one-launch count + scan (default for small inputs) with more chunks than one step of
-    its loop takes (160 tokens, E=256: 3 chunks, 2 per step), equal to the three-kernel path
+    its loop takes (300 tokens, K=1, E=32: 5 chunks, 4 per step), equal to the three-kernel path
     (forced by ``chunk_tokens``) and to the reference."""
     from moe_dispatch.kernels import permute as kp
 

@@ -120,9 +120,9 @@ def indices_to_multihot(
     routing_map = torch.empty(num_rows, num_local_experts, dtype=torch.int8, device=device)
     dense_probs = torch.empty(num_rows, num_local_experts, dtype=torch.float32, device=device)
     if num_rows > 0 and num_local_experts > 0:
-        block_e = min(128, triton.next_power_of_2(num_local_experts))
+        block_e = min(128, 1 << (num_local_experts - 1).bit_length())
         block_r = max(1, min(64, 4096 // block_e))
-        grid = (triton.cdiv(num_rows, block_r), triton.cdiv(num_local_experts, block_e))
+        grid = (-(-num_rows // block_r), -(-num_local_experts // block_e))  # (triton.cdiv is a jit function: slow on the host)
         with _on_device(device):
             launch(_indices_to_multihot_kernel, grid, (
                 topk_idx, topk_weights, routing_map, dense_probs,
@@ -152,9 +152,9 @@ def multihot_probs_backward(grad_dense_probs: torch.Tensor, topk_idx: torch.Tens
     num_experts = grad_dense_probs.shape[1]
     out = torch.empty(num_rows, topk, dtype=torch.float32, device=topk_idx.device)
     if num_rows > 0 and topk > 0:
-        block_k = triton.next_power_of_2(topk)
+        block_k = 1 << (topk - 1).bit_length()
         block_r = max(1, min(64, 2048 // block_k))
-        grid = (triton.cdiv(num_rows, block_r),)
+        grid = (-(-num_rows // block_r),)
         with _on_device(topk_idx.device):
             launch(_multihot_probs_backward_kernel, grid, (
                 grad_dense_probs, topk_idx, out,

@@ -8,7 +8,8 @@ num_warps=num_warps)``. The first call with a given *launch key* goes through th
 path and keeps the ``CompiledKernel`` it returns; later calls with the same key call the
 compiled kernel's launcher directly (``CompiledKernel.run``, the call ``JITFunction.run`` itself
 makes, identical in Triton 3.6 and 3.9: ``run(gx, gy, gz, stream, function, packed_metadata,
-launch_metadata, enter_hook, exit_hook, *all_args)``).
+launch_metadata, enter_hook, exit_hook, *all_args)``), with tensors passed as their addresses
+(an int pointer argument skips the launcher's per-pointer driver query).
 
 The launch key is a *superset* of what Triton specializes a kernel on, so a cached kernel is
 only reused where Triton would have picked the same binary: the device, the constexprs and
@@ -112,8 +113,10 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, num_warps: int) -
             cache[key] = _make_entry(kernel, compiled, constexprs) or _NO_FAST
         return
     g = tuple(grid) + (1, 1)
+    # Tensors as their addresses: Triton's C launcher then skips its per-pointer
+    # cuPointerGetAttribute check (a driver call per tensor argument); _device_of checked them.
     entry.run(g[0], g[1], g[2], _raw_stream(device), entry.function, entry.metadata, None, None, None,
-              *args, *entry.constexpr_values)
+              *[a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args], *entry.constexpr_values)
 
 
 def _raw_stream(device: int) -> int:

@@ -22,7 +22,7 @@ large inputs), each through the cached launcher of :mod:`.launcher`:
    ``ps[e] = sum_{e' < e} ceil(counts[e'] / a) * a``; chunk bases
    ``base[b, e] = ps[e] + sum_{b' < b} hist[b', e]``; and ``meta`` (int32 ``[2, E + 1]``):
    ``meta[0] = ps`` with ``ps[E]`` = rows used, ``meta[1] = counts`` with ``counts[E]`` = kept slots.
-   For small inputs (``N * K * pow2(E) <= 2**18``) steps 1 and 2 are one launch of
+   For small inputs (``N * K * pow2(E) <= 2**14``) steps 1 and 2 are one launch of
    ``_expert_count_scan_kernel`` (one program, compare-and-count over many chunks at a time):
    the same ``base`` and ``meta``, no ``hist``.
 3. ``_permute_kernel``, one program per token n (chunk b): the row of slot (n, k) with expert e
@@ -332,6 +332,10 @@ def _unpermute_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv is a jit function: microseconds per call on the host
+
+
 def _pow2(x: int) -> int:
     return 1 << (max(int(x), 1) - 1).bit_length()
 
@@ -351,17 +355,18 @@ def _chunk_tokens(num_tokens: int, topk: int, num_experts: int) -> int:
     """Tokens per sort chunk (a power of 2): few enough chunks that the scan reads hist [B, E] in
     one tile, at least ``_MIN_CHUNK_SLOTS`` and at most ``_MAX_CHUNK_SLOTS`` slots per chunk."""
     k2 = _pow2(topk)
-    one_tile = _pow2(triton.cdiv(num_tokens * _pow2(num_experts), _SCAN_TILE_ELEMS))
+    one_tile = _pow2(_cdiv(num_tokens * _pow2(num_experts), _SCAN_TILE_ELEMS))
     lo, hi = max(1, _MIN_CHUNK_SLOTS // k2), max(1, _MAX_CHUNK_SLOTS // k2)
     return min(max(one_tile, lo), hi)
 
 
 # The one-launch count + scan (``_expert_count_scan_kernel``, one program) takes inputs with at
 # most this many slot x expert-bin compares per pass; larger ones take the B-program histogram
-# and the scan kernel (two launches), where one program would serialise too much work.
-_FUSED_COUNT_MAX = 2**18
-# compares per step of the fused kernel's loop (8 warps: 128 per thread)
-_FUSED_COUNT_TILE = 2**15
+# and the scan kernel (two launches), where one program would serialise too much work (on an
+# H200 at 2**16 compares, T=4096 top-2 of 8, the one program cost ~30 us: more than a launch).
+_FUSED_COUNT_MAX = 2**14
+# compares per step of the fused kernel's loop (8 warps: 32 per thread)
+_FUSED_COUNT_TILE = 2**13
 
 
 @functools.lru_cache(maxsize=4096)
@@ -375,7 +380,7 @@ def _permute_plan(num_tokens, topk, num_experts, hidden, elem_bytes, align_size,
     if fused:
         chunk_tokens = max(1, _MIN_CHUNK_SLOTS // _pow2(topk))
     chunk_tokens = chunk_tokens or _chunk_tokens(num_tokens, topk, num_experts)
-    num_chunks = triton.cdiv(num_tokens, chunk_tokens)
+    num_chunks = _cdiv(num_tokens, chunk_tokens)
     chunk = chunk_tokens * topk
     plan = {"num_chunks": num_chunks, "chunk": chunk, "fused": fused}
     if fused:
@@ -468,7 +473,7 @@ def permute(
     permuted = torch.empty(num_out_rows, hidden, dtype=tokens.dtype, device=device)
     permuted_probs = None if probs is None else torch.empty(num_out_rows, dtype=probs.dtype, device=device)
     n_pad, zero_rows = plan["n_pad"], plan["zero_rows"]
-    n_tail = 0 if exact_rows else min(triton.cdiv(num_out_rows, zero_rows), 128)
+    n_tail = 0 if exact_rows else min(_cdiv(num_out_rows, zero_rows), 128)
     grid = n_pad + n_tail + num_tokens
     if grid > 0:
         launch(_permute_kernel, (grid,), (
@@ -568,7 +573,7 @@ def _scatter_rows(grad_out, permuted, num_rows, row_id_map, merging_probs, probs
     used.index_fill_(0, torch.where(rid >= 0, rid, num_rows).reshape(-1), 1)  # slot rows; -1 -> row M
     block_k, block_h, num_warps = _row_plan(topk, hidden, grad_permuted.element_size(), 4096, 8192)
     zero_block, zero_rows = 128, min(64, max(1, 8192 // block_h))
-    n_zero = triton.cdiv(num_rows, zero_block)
+    n_zero = _cdiv(num_rows, zero_block)
     grid = n_zero + num_tokens
     if grid == 0:
         return grad_permuted, grad_probs
