@@ -74,10 +74,23 @@ def capture_moe_layer(layer: MoELayer, sample_input: torch.Tensor, *, warmup_ite
     trains = torch.is_grad_enabled() and any(p.requires_grad for p in layer.parameters())
     if trains:
         # (unused-input tolerant: e.g. a router whose gradient does not reach some parameter)
-        graphed = torch.cuda.make_graphed_callables(layer, (sample_input,), num_warmup_iters=warmup_iters,
+        graphed = torch.cuda.make_graphed_callables(_TensorOutputs(layer), (sample_input,), num_warmup_iters=warmup_iters,
                                                     allow_unused_input=True)
         return lambda x: MoEOutput(*graphed(x))
     return _capture_forward(layer, sample_input, warmup_iters)
+
+
+class _TensorOutputs(torch.nn.Module):
+    """The layer with a plain tuple ``(hidden_states, aux_loss)`` as output: what
+    ``make_graphed_callables`` can flatten, whatever class ``MoEOutput`` is."""
+
+    def __init__(self, layer: MoELayer) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.layer(x)
+        return out.hidden_states, out.aux_loss
 
 
 def _capture_forward(layer: MoELayer, sample_input: torch.Tensor, warmup_iters: int) -> Callable[[torch.Tensor], MoEOutput]:
