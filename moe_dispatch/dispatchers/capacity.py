@@ -62,14 +62,18 @@ def capacity_layout(
     expert = torch.where(valid, flat, E)  # E: "no expert", destination P
     dest = expert // L
     slots = torch.arange(flat.numel(), device=device)
-    # priority order: by destination, then weight descending, then slot index (both sorts stable)
-    order = torch.sort(routing_weights.detach().reshape(-1), descending=True, stable=True).indices
-    order = order[torch.sort(dest[order], stable=True).indices]
-    per_dest = torch.zeros(P + 1, dtype=torch.int64, device=device).scatter_add_(0, dest, torch.ones_like(dest))
-    rank_in_dest = slots - _exclusive_cumsum(per_dest)[dest[order]]
-    keep = torch.empty_like(valid).scatter_(0, order, (rank_in_dest < B) & (dest[order] < P))
-    dropped = valid & ~keep
-    kept_expert = torch.where(keep, expert, E)
+    if flat.numel() <= B:  # no destination can overflow (known from the shapes): no priority sort
+        dropped = torch.zeros_like(valid)
+        kept_expert = expert
+    else:
+        # priority order: by destination, then weight descending, then slot index (both sorts stable)
+        order = torch.sort(routing_weights.detach().reshape(-1), descending=True, stable=True).indices
+        order = order[torch.sort(dest[order], stable=True).indices]
+        per_dest = torch.zeros(P + 1, dtype=torch.int64, device=device).scatter_add_(0, dest, torch.ones_like(dest))
+        rank_in_dest = slots - _exclusive_cumsum(per_dest)[dest[order]]
+        keep = torch.empty_like(valid).scatter_(0, order, (rank_in_dest < B) & (dest[order] < P))
+        dropped = valid & ~keep
+        kept_expert = torch.where(keep, expert, E)
     # rows: block of the destination + kept slots of its lower local experts + rank in the expert
     by_expert = torch.sort(kept_expert, stable=True).indices  # (expert, token, k) order
     per_expert = torch.zeros(E + 1, dtype=torch.int64, device=device).scatter_add_(0, kept_expert, torch.ones_like(kept_expert))
