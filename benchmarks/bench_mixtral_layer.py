@@ -7,6 +7,10 @@ Rows:
 - ``ours[<backend>]``: ``NVMixtralSparseMoeBlock`` (fp32 router -> AllToAllTokenDispatcher at
   EP=1 -> SwiGLUExperts(<backend>) -> combine), for every backend that runs here.
 - ``experts[<backend>]``: the experts stage alone on already-dispatched rows (no "vs hf").
+- ``capacity[grouped_mm]`` / ``graphed[grouped_mm]``: the block with the AllToAll dispatcher in
+  capacity mode (``max_tokens_per_rank=tokens``, no host sync), eager and replayed from CUDA
+  graphs (``moe_dispatch.graph.capture_moe_layer``: route -> dispatch -> experts -> combine,
+  and the backward, each one graph).
 
 ``rel err``: ``||ours - hf|| / ||hf||`` with HF's router run in fp32 as ours (bf16 router logits
 would flip near-tied top-k choices and hide everything else).
@@ -94,6 +98,36 @@ def timed_pair(module_fn, x: torch.Tensor, params, warmup: int, iters: int) -> t
     return fwd, median_ms(step, warmup, iters)
 
 
+def graphed_rows(config, hf_block, x, hf_out, args) -> list[dict]:
+    """The block on a capacity-mode AllToAll dispatcher (grouped_mm experts), eager and graphed."""
+    from moe_dispatch import AllToAllTokenDispatcher
+    from moe_dispatch.graph import capture_moe_layer
+    from moe_dispatch.models.mixtral import NVMixtralSparseMoeBlock
+
+    T, H, E = args.tokens, args.hidden, args.experts
+    dispatcher = AllToAllTokenDispatcher(E, E, H, permute_backend=args.permute_backend, max_tokens_per_rank=T,
+                                         dropless=False)
+    with torch.device("cuda"):
+        block = NVMixtralSparseMoeBlock(config, dispatcher=dispatcher, expert_backend="grouped_mm")
+    block = block.to(torch.bfloat16)
+    with torch.no_grad():
+        block.router.gate.weight.copy_(hf_block.gate.weight)
+        block.experts.experts_gate_up_weight.copy_(hf_block.experts.gate_up_proj)
+        block.experts.experts_down_weight.copy_(hf_block.experts.down_proj)
+        err = rel_err(block(x).hidden_states, hf_out)
+    params = list(block.parameters())
+    rows = []
+    fwd, fwd_bwd = timed_pair(lambda t: block(t).hidden_states, x, params, args.warmup, args.iters)
+    rows.append({"name": "capacity[grouped_mm]", "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "rel_err_vs_hf": err})
+    x_train = x.detach().clone().requires_grad_()
+    graphed = capture_moe_layer(block, x_train)
+    with torch.no_grad():
+        err = rel_err(graphed(x).hidden_states, hf_out)
+    fwd, fwd_bwd = timed_pair(lambda t: graphed(t).hidden_states, x, params, args.warmup, args.iters)
+    rows.append({"name": "graphed[grouped_mm]", "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "rel_err_vs_hf": err})
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=4096)
@@ -109,6 +143,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="write results as JSON to this path ('-' for stdout)")
     parser.add_argument("--qwen3-moe", action="store_true",
                         help="the Qwen3-MoE shape instead (H 2048, 128 experts, top-8, moe_intermediate 768)")
+    parser.add_argument("--no-graphed", action="store_true", help="skip the capacity-mode / CUDA-graph rows")
     args = parser.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -176,6 +211,9 @@ def main(argv=None) -> int:
         rows.append({"name": f"experts[{backend}]", "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "rel_err_vs_hf": None})
         del block, dispatched, rows_in
         torch.cuda.empty_cache()
+
+    if not args.no_graphed and "grouped_mm" in available_backends():
+        rows += graphed_rows(config, hf_block, x, hf_out, args)
 
     hf_row = rows[0] if rows and rows[0]["name"] == "hf" else None
     for row in rows:

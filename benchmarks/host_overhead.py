@@ -1,39 +1,53 @@
 """Host (CPU) microseconds per call of the hot ops, on one GPU: what eager timings pay on top of
-the kernels. Calls are issued back to back with no synchronisation; the GPU work is tiny, so
-the wall time per call is the Python + launch cost.
+the kernels. Calls are issued back to back with no synchronisation; the GPU work is tiny
+(T=128 tokens), so the wall time per call is the Python + launch cost. Every row is also given
+as a ratio to one ``torch.add`` launch measured in the same run (the launch floor).
 
-    python benchmarks/host_overhead.py
+    python benchmarks/host_overhead.py [--json out.json]
+
+Rows: permute / unpermute of each permute backend (forward only, and with autograd inputs),
+the triton backend with the launch cache off (``MOE_DISPATCH_TRITON_FASTLAUNCH=0``: Triton's own
+``kernel[grid](...)`` path), the indices converter forward / backward, and
+``AllToAllTokenDispatcher`` dispatch + combine at EP=1 (no process group), dropless and
+capacity mode.
 """
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import sys
 import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-def per_call_us(fn, n: int = 200) -> float:
+
+def per_call_us(fn, n: int = 300) -> float:
+    """Median over 5 rounds of the mean host time per call of ``n`` back-to-back calls."""
     for _ in range(10):
         fn()
     torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / n * 1e6
+    rounds = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        rounds.append((time.perf_counter() - t0) / n * 1e6)
+        torch.cuda.synchronize()
+    return sorted(rounds)[len(rounds) // 2]
 
 
-def main() -> None:
-    if not torch.cuda.is_available():
-        print("host_overhead.py needs CUDA; nothing to do on this machine")
-        return
+def _rows(dev) -> dict[str, float]:
+    from moe_dispatch import AllToAllTokenDispatcher
     from moe_dispatch.permute import backend_module, resolve_backend
 
-    dev = torch.device("cuda")
-    x = torch.randn(128, 4096, device=dev, dtype=torch.bfloat16)
-    se = torch.rand(128, 8, device=dev).topk(2, -1).indices
-    w = torch.rand(128, 2, device=dev)
-    rows = {}
+    T, H, E, K = 128, 4096, 8, 2
+    x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
+    se = torch.rand(T, E, device=dev).topk(K, -1).indices
+    w = torch.rand(T, K, device=dev)
+    rows: dict[str, float] = {"torch.add (one launch)": per_call_us(lambda: x.add(1))}
     for name in ("torch", "triton", "te"):
         try:
             resolve_backend(name, dev)
@@ -41,13 +55,78 @@ def main() -> None:
             print(f"skip {name}: {exc}")
             continue
         mod = backend_module(name)
-        p, _, m = mod.permute(x, se, 8, None, 1, 256)
-        rows[f"permute[{name}]"] = per_call_us(lambda: mod.permute(x, se, 8, None, 1, 256))
+        p, _, m = mod.permute(x, se, E, None, 1, T * K)
+        rows[f"permute[{name}]"] = per_call_us(lambda: mod.permute(x, se, E, None, 1, T * K))
+        rows[f"permute+probs[{name}]"] = per_call_us(lambda: mod.permute(x, se, E, w, 1, T * K))
         rows[f"unpermute[{name}]"] = per_call_us(lambda: mod.unpermute(p, m, w))
-    rows["torch.add (one launch)"] = per_call_us(lambda: x.add(1))
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        rows[f"permute (autograd)[{name}]"] = per_call_us(lambda: mod.permute(xg, se, E, None, 1, T * K))
+        pg = p.clone().requires_grad_()
+        rows[f"unpermute (autograd)[{name}]"] = per_call_us(lambda: mod.unpermute(pg, m, wg))
+        if name == "triton":
+            os.environ["MOE_DISPATCH_TRITON_FASTLAUNCH"] = "0"
+            rows["permute[triton, no launch cache]"] = per_call_us(lambda: mod.permute(x, se, E, None, 1, T * K))
+            rows["unpermute[triton, no launch cache]"] = per_call_us(lambda: mod.unpermute(p, m, w))
+            del os.environ["MOE_DISPATCH_TRITON_FASTLAUNCH"]
+            from moe_dispatch.kernels import indices_converter as ic
+
+            local = torch.randint(-1, E, (T, K), device=dev)
+            dense_grad = torch.randn(T, E, device=dev)
+            rows["indices_to_multihot"] = per_call_us(lambda: ic.indices_to_multihot(local, w, E))
+            rows["multihot_probs_backward"] = per_call_us(lambda: ic.multihot_probs_backward(dense_grad, local))
+    for backend in ("torch", "triton"):
+        for mode, kw in (("dropless", {}), ("capacity", dict(max_tokens_per_rank=T, dropless=False))):
+            try:
+                d = AllToAllTokenDispatcher(E, E, H, permute_backend=backend, **kw)
+                out = d.dispatch(x, se, w)
+            except Exception as exc:  # noqa: BLE001
+                print(f"skip all_to_all {backend} {mode}: {exc}")
+                continue
+
+            def step(d=d):
+                o = d.dispatch(x, se, w)
+                return d.combine(o.expert_input, o.handle)
+
+            rows[f"all_to_all EP=1 {mode} dispatch+combine[{backend}]"] = per_call_us(step, n=100)
+            del out
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", help="write the rows to this file")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("host_overhead.py needs CUDA; nothing to do on this machine")
+        return 0
+    import triton
+
+    dev = torch.device("cuda")
+    rows = _rows(dev)
+    floor = rows["torch.add (one launch)"]
+    print(f"device: {torch.cuda.get_device_name(dev)}  torch {torch.__version__}  triton {triton.__version__}")
+    print(f"{'op (T=128, H=4096, top-2 of 8, bf16)':<52} {'host us/call':>12} {'x launch':>9}")
     for k, v in rows.items():
-        print(f"{k:<26} {v:8.1f} us/call (host)")
+        print(f"{k:<52} {v:12.1f} {v / floor:9.1f}")
+    print("launch cache (kernel: keys with a cached launch / keys on the ordinary path):", _cache_status())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(dev), torch=torch.__version__, rows=rows), f, indent=1)
+    return 0
+
+
+def _cache_status() -> str:
+    from moe_dispatch.kernels import indices_converter, launcher, permute
+
+    out = []
+    for mod in (permute, indices_converter):
+        for name in dir(mod):
+            cache = getattr(getattr(mod, name), "__dict__", {}).get("_moe_fast_cache")
+            if cache:
+                fast = sum(v is not launcher._NO_FAST for v in cache.values())
+                out.append(f"{name}: {fast}/{len(cache) - fast}")
+    return ", ".join(out) or "empty"
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

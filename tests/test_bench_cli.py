@@ -84,7 +84,7 @@ def test_bench_cli_default_lists_every_backend_in_full_sentences():
     for block in out.split("skipped ")[1:]:
         name, why = block.split(": ", 1)
         skipped[name] = " ".join(why.split())
-    assert measured == {"all_to_all+torch"}
+    assert measured == {"all_to_all+torch", "all_to_all+capacity"}  # capacity mode runs on gloo too
     assert set(skipped) == set(BACKENDS) - measured
     for name, why in skipped.items():
         assert why.endswith(".") and why[0].isupper(), f"{name}: {why!r} is not a full sentence"
@@ -94,7 +94,7 @@ def test_bench_cli_default_lists_every_backend_in_full_sentences():
 def test_why_skipped_names_every_unusable_backend_on_cpu(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     skipped = why_skipped(list(BACKENDS), torch.device("cpu"))
-    assert set(skipped) == set(BACKENDS) - {"all_to_all+torch"}
+    assert set(skipped) == set(BACKENDS) - {"all_to_all+torch", "all_to_all+capacity"}
     # 'auto' is a row of its own when the backend it picks is not asked for
     assert why_skipped(["all_to_all"], torch.device("cpu")) == {}
 
@@ -129,3 +129,16 @@ def test_plot_log_scale_every_line_visible(tmp_path):
     import matplotlib.pyplot as plt
     assert (tmp_path / "p.png").stat().st_size > 0
     plt.close("all")
+
+
+@pytest.mark.distributed
+def test_bench_cli_capacity_backend_cpu(tmp_path):
+    """The capacity-mode all-to-all row runs on gloo (no graph column on CPU)."""
+    out_json = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "moe_dispatch.bench", "--cpu", "--nproc", "2", "--tokens", "0", "16", "--hidden", "8",
+         "--experts", "4", "--topk", "2", "--iters", "1", "--warmup", "1", "--backends", "all_to_all+capacity",
+         "--out", str(out_json)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [r["backend"] for r in rows] == ["all_to_all+capacity"] * 2 and all(r["us_graph"] is None for r in rows)

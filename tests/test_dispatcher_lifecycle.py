@@ -54,7 +54,10 @@ def test_nvlink_int32_slot_limit_checked_in_init():
 
 def test_repr_names_the_class_and_arguments():
     assert repr(AllToAllTokenDispatcher(4, 2, 8, 2, "torch")) == (
-        "AllToAllTokenDispatcher(num_experts=4, num_local_experts=2, hidden_size=8, ep_size=2, permute_backend='torch')")
+        "AllToAllTokenDispatcher(num_experts=4, num_local_experts=2, hidden_size=8, ep_size=2, permute_backend='torch', "
+        "max_tokens_per_rank=None, dropless=True)")
+    assert repr(AllToAllTokenDispatcher(4, 2, 8, 2, max_tokens_per_rank=16, dropless=False)).endswith(
+        "max_tokens_per_rank=16, dropless=False)")
     assert repr(NVLinkTokenDispatcher(4, 2, 8, 2)).startswith("NVLinkTokenDispatcher(num_experts=4,")
 
 

@@ -174,6 +174,27 @@ def test_counting_sort_many_chunks(e, chunk_tokens, scan_tile, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n, k, e", [(300, 1, 32), (100, 2, 9), (0, 2, 5), (1, 8, 8), (8, 8, 256)])
+def test_fused_count_scan_loops_over_tiles(n, k, e, device):
+    """The one-launch count + scan (default for small inputs) with more chunks than one step of
+    its loop takes (300 tokens, K=1, E=32: 5 chunks, 4 per step), equal to the three-kernel path
+    (forced by ``chunk_tokens``) and to the reference."""
+    from moe_dispatch.kernels import permute as kp
+
+    assert kp._permute_plan(n, k, e, 1, 4, 1, None, False, None, None)["fused"]
+    for seed, (kind, align, rows_mode) in enumerate([("random", 1, None), ("drops", 16, "more"), ("one_expert", 1, "fewer")]):
+        se = _routing(n, k, e, kind, seed, device) if kind != "one_expert" or n else torch.zeros(0, k, dtype=torch.long, device=device)
+        num_out_rows = _num_out_rows(se, e, align, rows_mode)
+        x = torch.randn(n, 1, generator=torch.Generator().manual_seed(seed)).to(device)
+        fused = kp.permute(x, se, e, None, align, num_out_rows)
+        three = kp.permute(x, se, e, None, align, num_out_rows, chunk_tokens=kp._permute_plan(
+            n, k, e, 1, 4, 1, None, False, None, None)["permute"]["T"])
+        ref_permuted, _, ref_map = reference.permute(x, se, e, None, align, num_out_rows)
+        for permuted, _, row_id_map in (fused, three):
+            assert torch.equal(row_id_map, ref_map) and torch.equal(permuted, ref_permuted)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_int64_offsets_large_row_stride(device):
     """Row offsets past 2**31 elements: views with a row stride of ~2**30 over a 4 GiB buffer of
     which only the three used rows are touched."""

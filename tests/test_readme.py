@@ -1,6 +1,7 @@
 """Every ```python block of README.md runs as pasted: each in a fresh CPU process, and the
 expert-parallel example (a block whose first line is a ``# torchrun ...`` command) under torchrun
-with 2 gloo ranks. A failure names the block by its README line and first line."""
+with 2 gloo ranks. A block whose first line is ``# needs CUDA ...`` runs only where CUDA is (a
+``gpu`` test, with the GPU visible). A failure names the block by its README line and first line."""
 from __future__ import annotations
 
 import os
@@ -14,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 TORCHRUN = re.compile(r"#\s*torchrun --nproc-per-node (\d+) (\S+\.py)")
+NEEDS_CUDA = re.compile(r"#\s*needs CUDA")
 
 
 def python_blocks(text: str) -> list[tuple[int, str]]:
@@ -39,8 +41,10 @@ def _name(block: tuple[int, str]) -> str:
     return f"README.md:{line}: {code.splitlines()[0][:60]}"
 
 
-def _env() -> dict:
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+def _env(cuda: bool = False) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    if not cuda:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU snippets must run on a machine without a GPU
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     return env
 
@@ -56,17 +60,28 @@ def test_readme_has_the_snippets():
     assert any(TORCHRUN.match(code) for _, code in BLOCKS), "no torchrun (expert-parallel) snippet in README.md"
 
 
-@pytest.mark.parametrize("block", [b for b in BLOCKS if not TORCHRUN.match(b[1])], ids=_name)
-def test_readme_snippet_runs(block, tmp_path):
+def _run_snippet(block, tmp_path, cuda: bool) -> None:
     name = _name(block)
     script = tmp_path / "snippet.py"
     script.write_text(block[1])
     try:
-        proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=_env(),
+        proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=_env(cuda),
                               capture_output=True, text=True, timeout=120)
     except subprocess.TimeoutExpired:
         pytest.fail(f"the README snippet at {name} ran past 120 s")
     _check(proc, name)
+
+
+@pytest.mark.parametrize("block", [b for b in BLOCKS if not TORCHRUN.match(b[1]) and not NEEDS_CUDA.match(b[1])],
+                         ids=_name)
+def test_readme_snippet_runs(block, tmp_path):
+    _run_snippet(block, tmp_path, cuda=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block", [b for b in BLOCKS if NEEDS_CUDA.match(b[1])], ids=_name)
+def test_readme_cuda_snippet_runs(block, tmp_path):
+    _run_snippet(block, tmp_path, cuda=True)
 
 
 @pytest.mark.distributed

@@ -3,11 +3,12 @@ dependency only removes its row, and each able to say in a full sentence why it 
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from .._optional import triton_interpreting
 
 __all__ = ["Backend", "BACKENDS", "DEFAULT", "why_skipped"]
 
@@ -17,15 +18,18 @@ class Backend:
     """One benchmark row family.
 
     Attributes:
-        make: ``(E, L, H, P) -> TokenDispatcher``, built inside each rank.
+        make: ``(E, L, H, P, T) -> TokenDispatcher``, built inside each rank (``T``: tokens per
+            rank of the row, which sizes a capacity-mode dispatcher).
         why_unavailable: ``device -> None`` when the backend can run on ``device``, else the reason
             as one or more full sentences (printed as is under the table).
         permute: for the all-to-all rows, the permute backend asked for (``"auto"`` included).
+        dropless: False for capacity mode (fixed-size buffers, no host sync, CUDA-graph capturable).
     """
 
     make: Callable
     why_unavailable: Callable[[torch.device], str | None]
     permute: str | None = None
+    dropless: bool = True
 
 
 def _sentence(text: str) -> str:
@@ -33,16 +37,21 @@ def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:] + ("" if text.endswith((".", "!", "?")) else ".")
 
 
-def _all_to_all(permute_backend: str) -> Backend:
-    def make(E, L, H, P):
+def _all_to_all(permute_backend: str, *, dropless: bool = True) -> Backend:
+    """Dropless, or capacity mode sized for the row's tokens per rank (no host sync: also timed
+    replayed from a CUDA graph on GPU)."""
+    def make(E, L, H, P, T):
         from moe_dispatch import AllToAllTokenDispatcher
 
-        return AllToAllTokenDispatcher(E, L, H, P, permute_backend=permute_backend)
+        if dropless:
+            return AllToAllTokenDispatcher(E, L, H, P, permute_backend=permute_backend)
+        return AllToAllTokenDispatcher(E, L, H, P, permute_backend=permute_backend, max_tokens_per_rank=max(T, 1),
+                                       dropless=False)
 
     def why_unavailable(device: torch.device) -> str | None:
         if permute_backend == "auto":
             return None
-        if permute_backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        if permute_backend == "triton" and device.type == "cpu" and not triton_interpreting():
             return ("The Triton permute kernels run on CUDA GPUs; on CPU they run only under Triton's "
                     "interpreter, so set TRITON_INTERPRET=1 in the environment to include this row "
                     "(the interpreter checks the kernels, it is far too slow to time them).")
@@ -56,10 +65,10 @@ def _all_to_all(permute_backend: str) -> Backend:
             return _sentence(str(exc))
         return None
 
-    return Backend(make, why_unavailable, permute_backend)
+    return Backend(make, why_unavailable, permute_backend, dropless)
 
 
-def _nvlink_make(E, L, H, P):
+def _nvlink_make(E, L, H, P, T):
     from moe_dispatch.dispatchers.nvlink import NVLinkTokenDispatcher
 
     return NVLinkTokenDispatcher(E, L, H, P)
@@ -72,7 +81,7 @@ def _nvlink_why(device: torch.device) -> str | None:
     return None
 
 
-def _deepep_make(E, L, H, P):
+def _deepep_make(E, L, H, P, T):
     from moe_dispatch.dispatchers.deepep import FusedTokenRouter
 
     return FusedTokenRouter(E, L, H, P)
@@ -92,6 +101,7 @@ BACKENDS: dict[str, Backend] = {
     "all_to_all+torch": _all_to_all("torch"),
     "all_to_all+triton": _all_to_all("triton"),
     "all_to_all+te": _all_to_all("te"),
+    "all_to_all+capacity": _all_to_all("auto", dropless=False),
     "nvlink": Backend(_nvlink_make, _nvlink_why),
     "deepep": Backend(_deepep_make, _deepep_why),
 }
@@ -109,7 +119,7 @@ def why_skipped(names: list[str], device: torch.device) -> dict[str, str]:
     skipped = {}
     for name in names:
         why = BACKENDS[name].why_unavailable(device)
-        if why is None and BACKENDS[name].permute == "auto":
+        if why is None and BACKENDS[name].permute == "auto" and BACKENDS[name].dropless:
             from moe_dispatch.permute import resolve_backend
 
             picked = resolve_backend("auto", device)

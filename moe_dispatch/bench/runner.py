@@ -6,6 +6,10 @@ table: microseconds each way, the bytes that must cross ranks per second, and th
 percentage of the limit measured in the same run (GPU: the P2P copy bandwidth between two GPUs;
 CPU: this machine's memory copy bandwidth, for reference only).
 
+Dispatchers without host syncs (``all_to_all+capacity``, and any in capacity mode) are also
+timed replayed from a CUDA graph (dispatch + combine in one graph): the ``us graph`` column, beside
+the eager ``us d+c`` (at ``--nproc 1`` this is the all-to-all at EP=1 on an NCCL world of one).
+
 "Remote bytes" counts each token once per *other* rank that holds one of its experts: the least
 any dispatcher must move (the lower bound of a dispatch is those bytes over the P2P bandwidth
 measured in the same run), so the percentage is
@@ -137,9 +141,9 @@ def _timer(use_cuda: bool):
     return CpuTimer()
 
 
-def bench_one(make, E, K, H, T, args, rank, world, device, dtype):
+def bench_one(backend, E, K, H, T, args, rank, world, device, dtype):
     L = E // world
-    dispatcher = make(E, L, H, world)
+    dispatcher = backend.make(E, L, H, world, T)
     dispatcher.set_ep_group(dist.group.WORLD if world > 1 else None)
     g = torch.Generator(device=device).manual_seed(1000 * rank + T)
     x = torch.randn(T, H, device=device, dtype=dtype, generator=g)
@@ -155,15 +159,39 @@ def bench_one(make, E, K, H, T, args, rank, world, device, dtype):
         if i >= args.warmup:
             times_d.append(td.ms()), times_c.append(tc.ms())
     torch.testing.assert_close(y.float(), (x.float() * weights.sum(1, keepdim=True)), rtol=2e-2, atol=2e-2)
+    ms_graph = float("nan")
+    if args.use_cuda and getattr(dispatcher, "dropless", True) is False:
+        ms_graph = graph_ms(dispatcher, x, selected, weights, args)
     close = getattr(dispatcher, "close", None)
     if close:
         close()
     stats = torch.tensor([statistics.median(times_d), statistics.median(times_c),
-                          float(remote_rows(selected, rank, L, world))], dtype=torch.float64)
+                          float(remote_rows(selected, rank, L, world)), ms_graph], dtype=torch.float64)
     stats = stats.to(device) if args.use_cuda else stats
     dist.all_reduce(stats, op=dist.ReduceOp.MAX)  # the slowest rank sets the step time
-    ms_d, ms_c, rows = stats.tolist()
-    return ms_d, ms_c, rows * H * dtype.itemsize
+    ms_d, ms_c, rows, ms_graph = stats.tolist()
+    return ms_d, ms_c, rows * H * dtype.itemsize, ms_graph
+
+
+def graph_ms(dispatcher, x, selected, weights, args) -> float:
+    """Median ms of one replay of dispatch + combine captured in one CUDA graph (checked against
+    the identity-expert result)."""
+    def step():
+        out = dispatcher.dispatch(x, selected, weights)
+        return dispatcher.combine(out.expert_input, out.handle)
+
+    from ..graph import capture
+
+    graph, y = capture(step)
+    times = []
+    for i in range(args.warmup + args.iters):
+        dist.barrier()
+        with _timer(True) as t:
+            graph.replay()
+        if i >= args.warmup:
+            times.append(t.ms())
+    torch.testing.assert_close(y.float(), (x.float() * weights.sum(1, keepdim=True)), rtol=2e-2, atol=2e-2)
+    return statistics.median(times)
 
 
 def measure_limit(args, rank, world) -> tuple[str, float]:
@@ -195,12 +223,14 @@ def run_rank(rank, world, port, args, queue):
                         if name in skipped:
                             continue
                         try:
-                            ms_d, ms_c, remote_bytes = bench_one(BACKENDS[name].make, E, K, H, T, args, rank, world, device, dtype)
+                            ms_d, ms_c, remote_bytes, ms_graph = bench_one(BACKENDS[name], E, K, H, T, args, rank,
+                                                                           world, device, dtype)
                         except (ImportError, ValueError, RuntimeError) as exc:  # backend not usable here
                             skipped[name] = f"It failed at E={E}, top-{K}, H={H}, {T} tokens: {type(exc).__name__}: {exc}"
                             continue
                         rows.append(dict(backend=name, tokens=T, hidden=H, experts=E, topk=K, nproc=world,
-                                         us_dispatch=ms_d * 1e3, us_combine=ms_c * 1e3, remote_bytes=remote_bytes))
+                                         us_dispatch=ms_d * 1e3, us_combine=ms_c * 1e3, remote_bytes=remote_bytes,
+                                         us_graph=None if ms_graph != ms_graph else ms_graph * 1e3))
         if rank == 0:
             queue.put(("ok", dict(limit_name=limit_name, limit_gbps=limit, rows=rows, skipped=skipped,
                                   device=torch.cuda.get_device_name(0) if args.use_cuda else "cpu",
@@ -237,12 +267,14 @@ def format_table(result: dict) -> str:
     limit = result["limit_gbps"]
     lines = [format_header(result),
              f"{'backend':<20}{'E/K':>7} {'H':>6} {'tokens':>7} {'us disp':>10} {'us comb':>10} "
-             f"{'GB/s disp':>9} {'GB/s comb':>9} {'% limit d/c':>15}"]
+             f"{'GB/s disp':>9} {'GB/s comb':>9} {'% limit d/c':>15} {'us d+c':>9} {'us graph':>9}"]
     for r in result["rows"]:
         gd, gc = r["gbps_dispatch"], r["gbps_combine"]
         pct = f"{100 * gd / limit:.2g}/{100 * gc / limit:.2g}" if limit else "-"
+        graph = "-" if r.get("us_graph") is None else f"{r['us_graph']:.1f}"
         lines.append(f"{r['backend']:<20}{r['experts']:>4}/{r['topk']:<2} {r['hidden']:>6} {r['tokens']:>7} "
-                     f"{r['us_dispatch']:>10.1f} {r['us_combine']:>10.1f} {gd:>9.3g} {gc:>9.3g} {pct:>15}")
+                     f"{r['us_dispatch']:>10.1f} {r['us_combine']:>10.1f} {gd:>9.3g} {gc:>9.3g} {pct:>15} "
+                     f"{r['us_dispatch'] + r['us_combine']:>9.1f} {graph:>9}")
     if not result["rows"]:
         lines.append("(no backend could run here)")
     for name, why in result["skipped"].items():

@@ -14,6 +14,18 @@ Stages of a dispatch (each a private method, so each can be timed and later over
 
 Combine runs the stages backwards and applies the routing weights in fp32 in the unpermute.
 Works on NCCL (CUDA) and gloo (CPU).
+
+**Capacity mode** (``max_tokens_per_rank=C, dropless=False``): no host sync at all, CUDA-graph
+capturable end to end. Every rank sends every rank one block of B = C * min(K, L) rows (the
+NVLink dispatcher's capacity), so the splits are equal and known without looking at the
+routing; slots beyond B for one destination are dropped by the policy of
+:mod:`.capacity` (lowest routing weight first, ties: higher token index first) and reported
+in ``handle.dropped_slots``. ``expert_input`` has ``P * B`` rows: the
+``sum(tokens_per_expert)`` rows of the contract's order, then zero padding rows (combine
+ignores them; their gradient is zero). Unlike the NVLink dispatcher, N may exceed C (the excess
+is dropped). Expert ids outside ``[-1, E)`` select nothing; on CPU (gloo, or no group) they
+raise on every rank, on CUDA they cannot be reported without a host sync. When nothing
+overflows, everything equals dropless mode bitwise.
 """
 from __future__ import annotations
 
@@ -27,6 +39,7 @@ from ..permute import backend_module, count_tokens_per_expert, resolve_backend
 from ..permute.reference import exclusive_cumsum
 from ..protocol import DispatchOutput
 from ._base import DTYPE_CODES, DispatcherBase, raise_on_bad_ranks
+from .capacity import capacity_layout, capacity_regroup_index, capacity_slots
 
 __all__ = ["AllToAllTokenDispatcher", "AllToAllHandle"]
 
@@ -45,6 +58,8 @@ class AllToAllHandle:
         num_received_rows: R.
         hidden_dtype: dtype of ``hidden_states``; combine returns it.
         permute_backend: the resolved permute backend dispatch used (combine's unpermute too).
+        dropped_slots: capacity mode: bool ``[N, K]``, slots with a valid expert that the drop
+            policy left out (device tensor, no host sync); None in dropless mode.
     """
 
     row_id_map: torch.Tensor
@@ -56,6 +71,7 @@ class AllToAllHandle:
     hidden_dtype: torch.dtype
     group: object
     permute_backend: str
+    dropped_slots: torch.Tensor | None = None
 
 
 def chunk_transpose_index(counts: torch.Tensor, total: int) -> torch.Tensor:
@@ -86,11 +102,18 @@ class AllToAllTokenDispatcher(DispatcherBase):
         hidden_size: H.
         ep_size: ranks of the EP group; 1 means no communication.
         permute_backend: ``"auto" | "torch" | "triton" | "te"`` (see ``moe_dispatch.permute``).
+        max_tokens_per_rank: C, the capacity (see the module docstring); required with
+            ``dropless=False``, unused in dropless mode.
+        dropless: True (default): exact rows, one host sync per dispatch. False: capacity mode,
+            no host sync, CUDA-graph capturable.
 
     Raises:
         ValueError: ``num_experts % ep_size != 0``, ``num_local_experts * ep_size != num_experts``,
-            non-positive sizes, an unknown permute backend.
+            non-positive sizes, an unknown permute backend, ``dropless=False`` without a positive
+            int ``max_tokens_per_rank``.
     """
+
+    _repr_fields = DispatcherBase._repr_fields + ("max_tokens_per_rank", "dropless")
 
     def __init__(
         self,
@@ -99,8 +122,23 @@ class AllToAllTokenDispatcher(DispatcherBase):
         hidden_size: int,
         ep_size: int = 1,
         permute_backend: str = "auto",
+        max_tokens_per_rank: int | None = None,
+        dropless: bool | None = None,
     ) -> None:
         self._init_common(num_experts, num_local_experts, hidden_size, ep_size, permute_backend)
+        if max_tokens_per_rank is not None and (
+                not isinstance(max_tokens_per_rank, int) or isinstance(max_tokens_per_rank, bool) or max_tokens_per_rank < 1):
+            raise ValueError(f"max_tokens_per_rank must be None or a positive int, got {max_tokens_per_rank!r}")
+        dropless = True if dropless is None else dropless
+        if not isinstance(dropless, bool):
+            raise ValueError(f"dropless must be None or a bool, got {dropless!r}")
+        if not dropless and max_tokens_per_rank is None:
+            raise ValueError("dropless=False (capacity mode) needs max_tokens_per_rank")
+        self.max_tokens_per_rank, self.dropless = max_tokens_per_rank, dropless
+
+    def _agreement_fields(self) -> dict[str, int]:
+        return {**super()._agreement_fields(), "max_tokens_per_rank": self.max_tokens_per_rank or 0,
+                "dropless": int(self.dropless)}
 
     # --- protocol -----------------------------------------------------------------------------
     def set_ep_group(self, group) -> None:
@@ -114,9 +152,15 @@ class AllToAllTokenDispatcher(DispatcherBase):
     def dispatch(
         self, hidden_states: torch.Tensor, selected_experts: torch.Tensor, routing_weights: torch.Tensor
     ) -> DispatchOutput:
-        """See :meth:`moe_dispatch.TokenDispatcher.dispatch`. One host sync (the counts)."""
+        """See :meth:`moe_dispatch.TokenDispatcher.dispatch`. One host sync (the counts) in
+        dropless mode, none in capacity mode."""
         self._check_dispatch_args(hidden_states, selected_experts, routing_weights)
         backend = resolve_backend(self.permute_backend, hidden_states.device)
+        if not self.dropless:
+            return self._dispatch_capacity(hidden_states, selected_experts, routing_weights, backend)
+        if hidden_states.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("a dropless dispatch syncs with the host and cannot be captured in a CUDA graph; "
+                               "use dropless=False with max_tokens_per_rank")
         counts_all, counts_host = self._exchange_counts(hidden_states, selected_experts)
         rank = group_rank(self._group)
         send_splits = counts_host[rank].view(self.ep_size, self.num_local_experts).sum(1).tolist()
@@ -150,6 +194,49 @@ class AllToAllTokenDispatcher(DispatcherBase):
         back = self._exchange_tokens(rows, handle.send_splits, handle.recv_splits, group=handle.group)
         out = backend_module(handle.permute_backend).unpermute(back, handle.row_id_map, handle.routing_weights)
         return out.to(handle.hidden_dtype)
+
+    # --- capacity mode ------------------------------------------------------------------------
+    def _dispatch_capacity(self, x, selected_experts, routing_weights, backend: str) -> DispatchOutput:
+        """Capacity-mode dispatch (module docstring): fixed blocks, equal splits, no host sync."""
+        P, L = self.ep_size, self.num_local_experts
+        B = capacity_slots(self.max_tokens_per_rank, selected_experts.shape[1], L)
+        row_id_map, dropped, send_counts = capacity_layout(selected_experts, routing_weights, self.num_experts, L, B)
+        recv_counts = self._exchange_capacity_counts(send_counts, x, selected_experts)
+        send = backend_module(backend).permute_by_map(x, row_id_map, P * B)
+        splits = (B,) * P
+        received = self._exchange_tokens(send, splits, splits)
+        rank_major = None
+        if P > 1:
+            expert_major, rank_major = capacity_regroup_index(recv_counts, B)
+            received = received.index_select(0, expert_major)
+        handle = AllToAllHandle(
+            row_id_map=row_id_map, routing_weights=routing_weights, send_splits=splits, recv_splits=splits,
+            rank_major_index=rank_major, num_received_rows=P * B, hidden_dtype=x.dtype, group=self._group,
+            permute_backend=backend, dropped_slots=dropped,
+        )
+        return DispatchOutput(expert_input=received, tokens_per_expert=recv_counts.sum(0), handle=handle)
+
+    def _exchange_capacity_counts(self, send_counts: torch.Tensor, x: torch.Tensor, selected_experts: torch.Tensor):
+        """``send_counts [P, L]`` (this rank's kept rows per destination and local expert) ->
+        ``recv_counts [P, L]`` on x's device (rows from each source), with one equal-split
+        all-to-all. Each row carries the sender's invalid-id count, H and dtype: checked, and
+        raised on every rank, only where reading them costs no device sync (CPU)."""
+        P = self.ep_size
+        extra = torch.stack([expert_ids_out_of_range(selected_experts, self.num_experts),
+                             torch.full((), x.shape[1], dtype=torch.int64, device=x.device),
+                             torch.full((), DTYPE_CODES[x.dtype], dtype=torch.int64, device=x.device)])
+        rows = torch.cat([send_counts, extra.expand(P, 3)], 1)
+        if self._group is not None:
+            rows = rows.to(collective_device(self._group))
+            table = torch.empty_like(rows)
+            torch.distributed.all_to_all_single(table, rows.contiguous(), group=self._group)
+        else:
+            table = rows
+        if table.device.type == "cpu":
+            # free on CPU; on CUDA it would be a host sync
+            bad_ids, sizes, codes = table[:, -3:].t().tolist()
+            raise_on_bad_ranks(self.num_experts, bad_ids, sizes, codes)
+        return table[:, :-3].to(x.device)
 
     # --- stages ---------------------------------------------------------------------------------
     def _exchange_counts(self, hidden_states: torch.Tensor, selected_experts: torch.Tensor):

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launcher import launch
+
 __all__ = ["indices_to_multihot", "multihot_probs_backward"]
 
 
@@ -78,8 +80,11 @@ def _multihot_probs_backward_kernel(
 
 
 def _on_device(device: torch.device):
-    """Launch on the tensors' GPU (Triton launches on the current CUDA device)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    """Launch on the tensors' GPU (Triton launches on the current CUDA device); no context switch
+    (host time) when it is the current one already."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def _check_idx(topk_idx: torch.Tensor) -> None:
@@ -115,16 +120,15 @@ def indices_to_multihot(
     routing_map = torch.empty(num_rows, num_local_experts, dtype=torch.int8, device=device)
     dense_probs = torch.empty(num_rows, num_local_experts, dtype=torch.float32, device=device)
     if num_rows > 0 and num_local_experts > 0:
-        block_e = min(128, triton.next_power_of_2(num_local_experts))
+        block_e = min(128, 1 << (num_local_experts - 1).bit_length())
         block_r = max(1, min(64, 4096 // block_e))
-        grid = (triton.cdiv(num_rows, block_r), triton.cdiv(num_local_experts, block_e))
+        grid = (-(-num_rows // block_r), -(-num_local_experts // block_e))  # (triton.cdiv is a jit function: slow on the host)
         with _on_device(device):
-            _indices_to_multihot_kernel[grid](
+            launch(_indices_to_multihot_kernel, grid, (
                 topk_idx, topk_weights, routing_map, dense_probs,
                 num_rows, num_local_experts, topk,
                 topk_idx.stride(0), topk_idx.stride(1), topk_weights.stride(0), topk_weights.stride(1),
-                BLOCK_R=block_r, BLOCK_E=block_e,
-            )
+            ), dict(BLOCK_R=block_r, BLOCK_E=block_e), 4)
     return routing_map.view(torch.bool), dense_probs
 
 
@@ -148,14 +152,13 @@ def multihot_probs_backward(grad_dense_probs: torch.Tensor, topk_idx: torch.Tens
     num_experts = grad_dense_probs.shape[1]
     out = torch.empty(num_rows, topk, dtype=torch.float32, device=topk_idx.device)
     if num_rows > 0 and topk > 0:
-        block_k = triton.next_power_of_2(topk)
+        block_k = 1 << (topk - 1).bit_length()
         block_r = max(1, min(64, 2048 // block_k))
-        grid = (triton.cdiv(num_rows, block_r),)
+        grid = (-(-num_rows // block_r),)
         with _on_device(topk_idx.device):
-            _multihot_probs_backward_kernel[grid](
+            launch(_multihot_probs_backward_kernel, grid, (
                 grad_dense_probs, topk_idx, out,
                 num_rows, num_experts, topk,
                 grad_dense_probs.stride(0), grad_dense_probs.stride(1), topk_idx.stride(0), topk_idx.stride(1),
-                BLOCK_R=block_r, BLOCK_K=block_k,
-            )
+            ), dict(BLOCK_R=block_r, BLOCK_K=block_k), 4)
     return out

@@ -14,13 +14,17 @@ the row of ``permuted`` holding token n's copy for its k-th expert, -1 when drop
 grouped by expert, in (token, k) order inside an expert; each expert's group starts at a
 multiple of ``align_size`` (padding rows are zero); rows at or past M are dropped.
 
-Permute = a counting sort in three kernels, O(S) work, deterministic, no host sync:
+Permute = a counting sort, O(S) work, deterministic, no host sync, in two launches (three for
+large inputs), each through the cached launcher of :mod:`.launcher`:
 
 1. ``_expert_hist_kernel``, B programs: ``hist[b, e]`` = slots of chunk b that chose expert e.
 2. ``_expert_scan_kernel``, 1 program: ``counts[e] = sum_b hist[b, e]``; padded starts
    ``ps[e] = sum_{e' < e} ceil(counts[e'] / a) * a``; chunk bases
    ``base[b, e] = ps[e] + sum_{b' < b} hist[b', e]``; and ``meta`` (int32 ``[2, E + 1]``):
    ``meta[0] = ps`` with ``ps[E]`` = rows used, ``meta[1] = counts`` with ``counts[E]`` = kept slots.
+   For small inputs (``N * K * pow2(E) <= 2**14``) steps 1 and 2 are one launch of
+   ``_expert_count_scan_kernel`` (one program, compare-and-count over many chunks at a time):
+   the same ``base`` and ``meta``, no ``hist``.
 3. ``_permute_kernel``, one program per token n (chunk b): the row of slot (n, k) with expert e
    is ``base[b, e]`` + the number of slots of chunk b before (n, k) with expert e (a compare of
    its K ids with the < C ids of its chunk before it), -1 if it falls at or past M. It writes
@@ -38,15 +42,20 @@ Worked example, N=3, K=2, E=3, align 1, one chunk (T >= 3)::
 
 Unpermute: ``_unpermute_kernel`` gathers a token's K rows and sums them in fp32 (one program per
 token); ``_unpermute_bwd_kernel`` scatters ``grad_out[n] * p[n, k]`` back to the rows and takes
-the row-wise dots for the gradient of the weights.
+the row-wise dots for the gradient of the weights. Without weights the same kernel is
+``permute_by_map``: a permute along a ``row_id_map`` computed elsewhere (all-to-all capacity mode).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["permute", "unpermute", "unpermute_backward"]
+from .launcher import launch
+
+__all__ = ["permute", "unpermute", "unpermute_backward", "permute_by_map"]
 
 _INT32_MAX = 2**31 - 1
 # The scan reads its whole table hist [B, E] in one tile of at most this many elements (more
@@ -78,6 +87,19 @@ def _expert_hist_kernel(ids_ptr, hist_ptr, S, E, C, BLOCK_C: tl.constexpr, NBINS
 
 
 @triton.jit
+def _store_meta(meta_ptr, counts, align, E, ev, emask):
+    """Write ``meta`` (int32 ``[2, E + 1]``) from the per-expert ``counts``; returns the padded
+    starts ``ps`` ``[BLOCK_E]``."""
+    padded = (counts + align - 1) // align * align
+    ps = tl.cumsum(padded, axis=0) - padded
+    tl.store(meta_ptr + ev, ps, mask=emask)
+    tl.store(meta_ptr + E, tl.sum(padded, axis=0))
+    tl.store(meta_ptr + (E + 1) + ev, counts, mask=emask)
+    tl.store(meta_ptr + (E + 1) + E, tl.sum(counts, axis=0))
+    return ps
+
+
+@triton.jit
 def _expert_scan_kernel(
     hist_ptr, base_ptr, meta_ptr, B, E, align, TB: tl.constexpr, BLOCK_E: tl.constexpr, ONE_TILE: tl.constexpr
 ):
@@ -99,12 +121,7 @@ def _expert_scan_kernel(
             r = b0 + rb
             m = (r[:, None] < B) & emask[None, :]
             counts += tl.sum(tl.load(hist_ptr + r[:, None] * E + ev[None, :], mask=m, other=0), axis=0)
-    padded = (counts + align - 1) // align * align
-    ps = tl.cumsum(padded, axis=0) - padded
-    tl.store(meta_ptr + ev, ps, mask=emask)
-    tl.store(meta_ptr + E, tl.sum(padded, axis=0))
-    tl.store(meta_ptr + (E + 1) + ev, counts, mask=emask)
-    tl.store(meta_ptr + (E + 1) + E, tl.sum(counts, axis=0))
+    ps = _store_meta(meta_ptr, counts, align, E, ev, emask)
     if ONE_TILE:
         tl.store(base_ptr + rb[:, None] * E + ev[None, :], ps[None, :] + tl.cumsum(h, axis=0) - h, mask=tile_mask)
     else:
@@ -115,6 +132,41 @@ def _expert_scan_kernel(
             h = tl.load(hist_ptr + r[:, None] * E + ev[None, :], mask=m, other=0)
             tl.store(base_ptr + r[:, None] * E + ev[None, :], run[None, :] + tl.cumsum(h, axis=0) - h, mask=m)
             run += tl.sum(h, axis=0)
+
+
+@triton.jit
+def _chunk_hist(ids_ptr, chunks, j, S, C, E, ev):
+    """``[CPT, BLOCK_E]`` int32: slots with expert ``ev`` in each of ``chunks`` (compare-and-count:
+    no histogram op, so many chunks fit in one tile)."""
+    offs = chunks[:, None].to(tl.int64) * C + j[None, :]
+    e = tl.load(ids_ptr + offs, mask=(j[None, :] < C) & (offs < S), other=-1).to(tl.int32)
+    hit = (e[:, :, None] == ev[None, None, :]) & (ev < E)[None, None, :]
+    return tl.sum(hit.to(tl.int32), axis=1)
+
+
+@triton.jit
+def _expert_count_scan_kernel(
+    ids_ptr, base_ptr, meta_ptr, S, E, C, B, align, CPT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr
+):
+    """One program: ``_expert_hist_kernel`` and ``_expert_scan_kernel`` in one launch, for small
+    inputs (S * BLOCK_E bounded by the launcher). Same outputs ``base`` int32 ``[B, E]`` and
+    ``meta`` int32 ``[2, E + 1]``; ``hist`` is never stored. Two passes over the ids, ``CPT``
+    chunks at a time: totals (for the padded starts), then the running prefix over chunks."""
+    ev = tl.arange(0, BLOCK_E)
+    emask = ev < E
+    cb = tl.arange(0, CPT)
+    j = tl.arange(0, BLOCK_C)
+    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for b0 in range(0, B, CPT):
+        counts += tl.sum(_chunk_hist(ids_ptr, b0 + cb, j, S, C, E, ev), axis=0)
+    ps = _store_meta(meta_ptr, counts, align, E, ev, emask)
+    run = ps
+    for b0 in range(0, B, CPT):
+        r = b0 + cb
+        h = _chunk_hist(ids_ptr, r, j, S, C, E, ev)
+        m = (r[:, None] < B) & emask[None, :]
+        tl.store(base_ptr + r[:, None].to(tl.int64) * E + ev[None, :], run[None, :] + tl.cumsum(h, axis=0) - h, mask=m)
+        run += tl.sum(h, axis=0)
 
 
 @triton.jit
@@ -280,8 +332,12 @@ def _unpermute_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv is a jit function: microseconds per call on the host
+
+
 def _pow2(x: int) -> int:
-    return triton.next_power_of_2(max(int(x), 1))
+    return 1 << (max(int(x), 1) - 1).bit_length()
 
 
 def _row_block(hidden: int, elem_bytes: int, rows_in_flight: int, max_row_bytes: int, max_tile_elems: int) -> tuple[int, int]:
@@ -299,9 +355,55 @@ def _chunk_tokens(num_tokens: int, topk: int, num_experts: int) -> int:
     """Tokens per sort chunk (a power of 2): few enough chunks that the scan reads hist [B, E] in
     one tile, at least ``_MIN_CHUNK_SLOTS`` and at most ``_MAX_CHUNK_SLOTS`` slots per chunk."""
     k2 = _pow2(topk)
-    one_tile = _pow2(triton.cdiv(num_tokens * _pow2(num_experts), _SCAN_TILE_ELEMS))
+    one_tile = _pow2(_cdiv(num_tokens * _pow2(num_experts), _SCAN_TILE_ELEMS))
     lo, hi = max(1, _MIN_CHUNK_SLOTS // k2), max(1, _MAX_CHUNK_SLOTS // k2)
     return min(max(one_tile, lo), hi)
+
+
+# The one-launch count + scan (``_expert_count_scan_kernel``, one program) takes inputs with at
+# most this many slot x expert-bin compares per pass; larger ones take the B-program histogram
+# and the scan kernel (two launches), where one program would serialise too much work (on an
+# H200 at 2**16 compares, T=4096 top-2 of 8, the one program cost ~30 us: more than a launch).
+_FUSED_COUNT_MAX = 2**14
+# compares per step of the fused kernel's loop (8 warps: 32 per thread)
+_FUSED_COUNT_TILE = 2**13
+
+
+@functools.lru_cache(maxsize=4096)
+def _permute_plan(num_tokens, topk, num_experts, hidden, elem_bytes, align_size, num_out_rows, has_probs,
+                  chunk_tokens, scan_tile):
+    """Grid sizes and constexprs of one permute, cached on the shapes: a permute call then does
+    no launch-parameter arithmetic in Python. ``num_out_rows`` None: decided after the count."""
+    num_slots = num_tokens * topk
+    block_e = _pow2(num_experts)
+    fused = num_slots * block_e <= _FUSED_COUNT_MAX and chunk_tokens is None and scan_tile is None
+    if fused:
+        chunk_tokens = max(1, _MIN_CHUNK_SLOTS // _pow2(topk))
+    chunk_tokens = chunk_tokens or _chunk_tokens(num_tokens, topk, num_experts)
+    num_chunks = _cdiv(num_tokens, chunk_tokens)
+    chunk = chunk_tokens * topk
+    plan = {"num_chunks": num_chunks, "chunk": chunk, "fused": fused}
+    if fused:
+        block_c = _pow2(chunk)
+        plan["count"] = dict(CPT=max(1, min(_pow2(num_chunks), _FUSED_COUNT_TILE // (block_c * block_e))),
+                             BLOCK_C=block_c, BLOCK_E=block_e)
+        plan["count_warps"] = 8
+    else:
+        hist_block = max(32, _pow2(chunk))  # >= one warp: no replicated elements in the histogram
+        plan["hist"] = dict(BLOCK_C=hist_block, NBINS=max(32, _pow2(num_experts + 1)))
+        plan["hist_warps"] = max(1, min(4, hist_block // 32))
+        tile = scan_tile or max(1, min(_pow2(num_chunks), _SCAN_TILE_ELEMS // block_e))
+        plan["scan"] = dict(TB=tile, BLOCK_E=block_e, ONE_TILE=num_chunks <= tile)
+        plan["scan_warps"] = max(1, min(8, tile * block_e // 1024))  # <= 32 table entries per thread: no spills
+    block_k = _pow2(topk)
+    block_h, num_warps = _row_block(hidden, elem_bytes, block_k, 4096, 16384)
+    zero_rows = min(64, max(1, 8192 // block_h))
+    plan["n_pad"] = num_experts if align_size > 1 else 0
+    plan["zero_rows"] = zero_rows
+    plan["permute"] = dict(HAS_PROBS=has_probs, T=chunk_tokens, RB=min(_pow2(chunk), max(32, 1024 // block_k)),
+                           BLOCK_K=block_k, BLOCK_H=block_h, ZR=zero_rows)  # RB: compare tiles [BLOCK_K, RB] <= 1024 ids
+    plan["permute_warps"] = num_warps
+    return plan
 
 
 def permute(
@@ -315,8 +417,8 @@ def permute(
     chunk_tokens: int | None = None,
     scan_tile: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Sort the (token, k) slots by expert and copy each token to its rows. Three kernels; no
-    host sync when ``num_out_rows`` is given.
+    """Sort the (token, k) slots by expert and copy each token to its rows. Two kernels (three
+    for large inputs); no host sync when ``num_out_rows`` is given.
 
     Args:
         tokens: ``[N, H]`` floating point (any row stride).
@@ -327,7 +429,8 @@ def permute(
         num_out_rows: M; slots whose row would be ``>= M`` get -1, rows past the last group are
             zero. None: exactly the rows needed (one host sync).
         chunk_tokens, scan_tile: powers of 2 overriding the tokens per sort chunk and the chunks
-            per scan tile (tests use them to reach the many-chunk / many-tile paths when small).
+            per scan tile (tests use them to reach the many-chunk / many-tile paths when small;
+            either one selects the three-kernel path).
 
     Returns:
         ``(permuted [M, H] in tokens' dtype, permuted_probs [M] in probs' dtype or None,
@@ -342,53 +445,50 @@ def permute(
             f"the triton permute backend needs N*K + E*(align_size-1) < 2**31, got N*K={num_slots}, "
             f"E={num_experts}, align_size={align_size}"
         )
+    plan = _permute_plan(num_tokens, topk, num_experts, hidden, tokens.element_size(), align_size, num_out_rows,
+                         probs is not None, chunk_tokens, scan_tile)
+    num_chunks, chunk = plan["num_chunks"], plan["chunk"]
     row_id_map = torch.empty(num_tokens, topk, dtype=torch.int64, device=device)
-    meta = torch.empty(2, num_experts + 1, dtype=torch.int32, device=device)
     ids = selected_experts.reshape(-1).contiguous()
-    chunk_tokens = chunk_tokens or _chunk_tokens(num_tokens, topk, num_experts)
-    num_chunks = triton.cdiv(num_tokens, chunk_tokens)
-    chunk = chunk_tokens * topk
-    block_e = _pow2(num_experts)
-    hist, base = torch.empty(2, num_chunks, num_experts, dtype=torch.int32, device=device)
-    if num_slots == 0:
+    table = num_chunks * num_experts
+    # one int32 workspace: base [B, E] | meta [2, E + 1] (| hist [B, E] on the three-kernel path)
+    work = torch.empty(2 * (num_experts + 1) + table * (1 if plan["fused"] else 2), dtype=torch.int32, device=device)
+    base, meta = work[:table], work[table:table + 2 * (num_experts + 1)]
+    if plan["fused"]:
+        launch(_expert_count_scan_kernel, (1,), (ids, base, meta, num_slots, num_experts, chunk, num_chunks, align_size),
+               plan["count"], plan["count_warps"])
+    elif num_slots == 0:
         meta.zero_()
     else:
-        hist_block = max(32, _pow2(chunk))  # >= one warp: no replicated elements in the histogram
-        _expert_hist_kernel[(num_chunks,)](
-            ids, hist, num_slots, num_experts, chunk,
-            BLOCK_C=hist_block, NBINS=max(32, _pow2(num_experts + 1)), num_warps=max(1, min(4, hist_block // 32)),
-        )
-        tile = scan_tile or max(1, min(_pow2(num_chunks), _SCAN_TILE_ELEMS // block_e))
-        tile_elems = tile * block_e
-        _expert_scan_kernel[(1,)](
-            hist, base, meta, num_chunks, num_experts, align_size, TB=tile, BLOCK_E=block_e, ONE_TILE=num_chunks <= tile,
-            num_warps=max(1, min(8, tile_elems // 1024)),  # <= 32 table entries per thread: no spills
-        )
+        hist = work[table + 2 * (num_experts + 1):]
+        launch(_expert_hist_kernel, (num_chunks,), (ids, hist, num_slots, num_experts, chunk), plan["hist"], plan["hist_warps"])
+        launch(_expert_scan_kernel, (1,), (hist, base, meta, num_chunks, num_experts, align_size), plan["scan"],
+               plan["scan_warps"])
 
     exact_rows = num_out_rows is None
-    if num_out_rows is None:
-        num_out_rows = int(meta[0, num_experts])  # host sync: the output size depends on the routing
+    if exact_rows:
+        num_out_rows = int(meta[num_experts])  # host sync: the output size depends on the routing
     if hidden > 0 and tokens.stride(1) != 1:
         tokens = tokens.contiguous()
     permuted = torch.empty(num_out_rows, hidden, dtype=tokens.dtype, device=device)
     permuted_probs = None if probs is None else torch.empty(num_out_rows, dtype=probs.dtype, device=device)
-    block_k = _pow2(topk)
-    rank_block = min(_pow2(chunk), max(32, 1024 // block_k))  # compare tiles [BLOCK_K, RB] of <= 1024 ids
-    block_h, num_warps = _row_block(hidden, tokens.element_size(), block_k, 4096, 16384)
-    zero_rows = min(64, max(1, 8192 // block_h))
-    n_pad = num_experts if align_size > 1 else 0
-    n_tail = 0 if exact_rows else min(triton.cdiv(num_out_rows, zero_rows), 128)
+    n_pad, zero_rows = plan["n_pad"], plan["zero_rows"]
+    n_tail = 0 if exact_rows else min(_cdiv(num_out_rows, zero_rows), 128)
     grid = n_pad + n_tail + num_tokens
     if grid > 0:
-        _permute_kernel[(grid,)](
+        launch(_permute_kernel, (grid,), (
             tokens, tokens.stride(0), ids, base, meta,
             permuted if probs is None else probs.contiguous(), permuted, permuted.stride(0),
             permuted if permuted_probs is None else permuted_probs, row_id_map,
             topk, num_experts, hidden, num_out_rows, n_pad, n_tail,
-            HAS_PROBS=probs is not None, T=chunk_tokens, RB=rank_block, BLOCK_K=block_k,
-            BLOCK_H=block_h, ZR=zero_rows, num_warps=num_warps,
-        )
+        ), plan["permute"], plan["permute_warps"])
     return permuted, permuted_probs, row_id_map
+
+
+@functools.lru_cache(maxsize=4096)
+def _row_plan(topk: int, hidden: int, elem_bytes: int, max_row_bytes: int, max_tile_elems: int):
+    block_k = _pow2(topk)
+    return (block_k,) + _row_block(hidden, elem_bytes, block_k, max_row_bytes, max_tile_elems)
 
 
 def unpermute(permuted: torch.Tensor, row_id_map: torch.Tensor, merging_probs: torch.Tensor | None) -> torch.Tensor:
@@ -409,13 +509,11 @@ def unpermute(permuted: torch.Tensor, row_id_map: torch.Tensor, merging_probs: t
         return out
     if hidden > 0 and permuted.stride(1) != 1:
         permuted = permuted.contiguous()
-    block_k = _pow2(topk)
-    block_h, num_warps = _row_block(hidden, permuted.element_size(), block_k, 8192, 8192)
-    _unpermute_kernel[(num_tokens,)](
+    block_k, block_h, num_warps = _row_plan(topk, hidden, permuted.element_size(), 8192, 8192)
+    launch(_unpermute_kernel, (num_tokens,), (
         permuted, permuted.stride(0), row_id_map.contiguous(),
         out if merging_probs is None else merging_probs.contiguous(), out, out.stride(0), topk, hidden,
-        HAS_PROBS=merging_probs is not None, BLOCK_K=block_k, BLOCK_H=block_h, num_warps=num_warps,
-    )
+    ), dict(HAS_PROBS=merging_probs is not None, BLOCK_K=block_k, BLOCK_H=block_h), num_warps)
     return out
 
 
@@ -439,31 +537,51 @@ def unpermute_backward(
         ``(grad_permuted [M, H] in permuted's dtype, zero on rows no slot maps to;
         grad_merging_probs [N, K] in merging_probs' dtype, or None)``.
     """
+    return _scatter_rows(grad_out, permuted, permuted.shape[0], row_id_map, merging_probs, probs_grad)
+
+
+def permute_by_map(tokens: torch.Tensor, row_id_map: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``out[row_id_map[n, k]] = tokens[n]`` for kept slots; rows no slot maps to are zero.
+
+    Args:
+        tokens: ``[N, H]`` floating point (any row stride).
+        row_id_map: int64 ``[N, K]``, rows in ``[0, num_rows)`` or -1, each row used at most once.
+        num_rows: M.
+
+    Returns:
+        ``[M, H]`` in tokens' dtype. (The kernel of :func:`unpermute_backward` without weights.)
+    """
+    return _scatter_rows(tokens, None, num_rows, row_id_map, None, False)[0]
+
+
+def _scatter_rows(grad_out, permuted, num_rows, row_id_map, merging_probs, probs_grad):
+    """``unpermute_backward``; ``permuted`` None (no weights' gradient): output in grad_out's dtype."""
     num_tokens, topk = row_id_map.shape
-    num_rows, hidden = permuted.shape
-    device = permuted.device
-    if hidden > 0 and permuted.stride(1) != 1:
+    hidden = grad_out.shape[1]
+    device = grad_out.device
+    if permuted is not None and hidden > 0 and permuted.stride(1) != 1:
         permuted = permuted.contiguous()
     if hidden > 0 and grad_out.stride(1) != 1:
         grad_out = grad_out.contiguous()
-    grad_permuted = torch.empty(num_rows, hidden, dtype=permuted.dtype, device=device)
+    out_dtype = grad_out.dtype if permuted is None else permuted.dtype
+    grad_permuted = torch.empty(num_rows, hidden, dtype=out_dtype, device=device)
+    if permuted is None:
+        permuted = grad_permuted  # never read without PROBS_GRAD: a pointer and a row stride
     grad_probs = torch.empty(num_tokens, topk, dtype=merging_probs.dtype, device=device) if probs_grad else None
     rid = row_id_map.contiguous()
     used = torch.zeros(num_rows + 1, dtype=torch.int8, device=device)
     used.index_fill_(0, torch.where(rid >= 0, rid, num_rows).reshape(-1), 1)  # slot rows; -1 -> row M
-    block_k = _pow2(topk)
-    block_h, num_warps = _row_block(hidden, permuted.element_size(), block_k, 4096, 8192)
+    block_k, block_h, num_warps = _row_plan(topk, hidden, grad_permuted.element_size(), 4096, 8192)
     zero_block, zero_rows = 128, min(64, max(1, 8192 // block_h))
-    n_zero = triton.cdiv(num_rows, zero_block)
+    n_zero = _cdiv(num_rows, zero_block)
     grid = n_zero + num_tokens
     if grid == 0:
         return grad_permuted, grad_probs
-    _unpermute_bwd_kernel[(grid,)](
+    launch(_unpermute_bwd_kernel, (grid,), (
         grad_out, grad_out.stride(0), rid, grad_permuted if merging_probs is None else merging_probs.contiguous(),
         used, permuted, permuted.stride(0), grad_permuted, grad_permuted.stride(0),
         grad_permuted if grad_probs is None else grad_probs,
         topk, hidden, num_rows, n_zero,
-        HAS_PROBS=merging_probs is not None, PROBS_GRAD=probs_grad, BLOCK_K=block_k, BLOCK_H=block_h,
-        ZB=zero_block, ZR=min(zero_rows, zero_block), num_warps=num_warps,
-    )
+    ), dict(HAS_PROBS=merging_probs is not None, PROBS_GRAD=probs_grad, BLOCK_K=block_k, BLOCK_H=block_h,
+            ZB=zero_block, ZR=min(zero_rows, zero_block)), num_warps)
     return grad_permuted, grad_probs

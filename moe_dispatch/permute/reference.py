@@ -28,9 +28,9 @@ import torch
 __all__ = ["exclusive_cumsum", "make_row_id_map", "permute_rows", "permute_slot_values", "unpermute_rows"]
 
 
-def exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
-    """``[x0, x1, x2] -> [0, x0, x0 + x1]`` along dim 0 (start offsets from counts)."""
-    return torch.cumsum(x, 0) - x
+def exclusive_cumsum(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``[x0, x1, x2] -> [0, x0, x0 + x1]`` along ``dim`` (start offsets from counts)."""
+    return torch.cumsum(x, dim) - x
 
 
 def make_row_id_map(
@@ -114,6 +114,17 @@ def unpermute(
     permuted: torch.Tensor, row_id_map: torch.Tensor, merging_probs: torch.Tensor | None
 ) -> torch.Tensor:
     return unpermute_rows(permuted, row_id_map, merging_probs)
+
+
+def permute_by_map(tokens: torch.Tensor, row_id_map: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """:func:`permute_rows` without its boolean-mask indexing (a host sync on GPU): every slot is
+    copied, dropped ones into an extra row ``num_rows`` that is cut off. Same values, and the
+    same gradient (dropped slots add exact zeros). For a ``row_id_map`` computed elsewhere."""
+    num_tokens, topk = row_id_map.shape
+    rows = torch.where(row_id_map >= 0, row_id_map, num_rows).reshape(-1)
+    src = tokens.index_select(0, torch.arange(num_tokens * topk, device=tokens.device) // topk)
+    out = tokens.new_zeros(num_rows + 1, tokens.shape[1])
+    return out.index_copy(0, rows, src)[:num_rows]
 
 
 def permute_slot_values(values: torch.Tensor, row_id_map: torch.Tensor, num_out_rows: int) -> torch.Tensor:

@@ -73,3 +73,7 @@ def unpermute(permuted, row_id_map, merging_probs):
     probs = None if merging_probs is None else merging_probs.float()
     out = te.moe_unpermute(permuted, te_map, merging_probs=probs, map_type="index")
     return out.to(permuted.dtype)
+
+
+# TE has no permute for a given row map: the torch reference moves those rows.
+permute_by_map = reference.permute_by_map

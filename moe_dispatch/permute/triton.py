@@ -2,8 +2,10 @@
 
 Runs on CUDA, and on CPU under ``TRITON_INTERPRET=1`` (Triton's interpreter: slow, for tests).
 Triton is imported lazily: importing this module needs only torch. The kernels live in
-:mod:`moe_dispatch.kernels.permute`; this module wraps them as ``torch.library`` custom ops
-(traceable by ``torch.compile``) with their autograd:
+:mod:`moe_dispatch.kernels.permute`; under ``torch.compile`` this module calls them through
+``torch.library`` custom ops (traceable) with their autograd; in eager mode it calls them
+directly, or through an ``autograd.Function`` with the same backward when a gradient is needed
+(the custom-op dispatcher's host cost would be most of an eager call):
 
 * ``permute``: a counting sort fused with the row copy, three kernels (no host sync when
   ``num_out_rows`` is given; see :mod:`moe_dispatch.kernels.permute`). Backward: w.r.t. ``tokens``, an unpermute without weights (sum over k); w.r.t. ``probs``, a
@@ -20,7 +22,7 @@ import torch
 
 from .._optional import TRITON_INSTALL_HINT, triton_interpreting
 
-__all__ = ["is_available", "why_unavailable", "permute", "unpermute"]
+__all__ = ["is_available", "why_unavailable", "permute", "unpermute", "permute_by_map"]
 
 _INSTALL = f"triton is not importable: {TRITON_INSTALL_HINT}"
 
@@ -102,10 +104,7 @@ def _permute_backward(ctx, grad_permuted, grad_permuted_probs, _grad_row_id_map)
     if ctx.needs_input_grad[0] and grad_permuted is not None:
         grad_tokens = _unpermute_op(grad_permuted, row_id_map, None).to(ctx.tokens_dtype)
     if ctx.needs_input_grad[2] and grad_permuted_probs is not None:
-        # a gather of N*K values: torch is enough. Dropped slots read the zero appended at row M.
-        padded = torch.cat([grad_permuted_probs, grad_permuted_probs.new_zeros(1)])
-        index = torch.where(row_id_map >= 0, row_id_map, grad_permuted_probs.shape[0])
-        grad_probs = padded[index].to(ctx.probs_dtype)
+        grad_probs = _grad_of_probs(grad_permuted_probs, row_id_map).to(ctx.probs_dtype)
     return grad_tokens, None, grad_probs, None, None, None
 
 
@@ -157,6 +156,69 @@ _unpermute_op.register_autograd(_unpermute_backward, setup_context=_unpermute_se
 _permute_op.register_autograd(_permute_backward, setup_context=_permute_setup)
 
 
+# --- eager path: the same kernels without the custom-op dispatcher --------------------------
+# ``torch.library.custom_op`` costs tens of microseconds of host time per call in eager mode;
+# outside ``torch.compile`` the kernels are called directly (no autograd needed) or through a
+# plain ``autograd.Function`` with the same backward as the custom op's.
+
+def _grad_of_probs(grad_permuted_probs: torch.Tensor, row_id_map: torch.Tensor) -> torch.Tensor:
+    """Backward of the probs' permute: a gather of N*K values (torch is enough). Dropped slots
+    read the zero appended at row M."""
+    padded = torch.cat([grad_permuted_probs, grad_permuted_probs.new_zeros(1)])
+    return padded[torch.where(row_id_map >= 0, row_id_map, grad_permuted_probs.shape[0])]
+
+
+class _PermuteFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tokens, selected_experts, probs, num_experts, align_size, num_out_rows):
+        permuted, permuted_probs, row_id_map = _kernels().permute(
+            tokens, selected_experts, num_experts, probs, align_size, num_out_rows)
+        ctx.mark_non_differentiable(row_id_map)
+        ctx.save_for_backward(row_id_map)
+        ctx.dtypes = (tokens.dtype, None if probs is None else probs.dtype)
+        return permuted, permuted_probs, row_id_map
+
+    @staticmethod
+    def backward(ctx, grad_permuted, grad_permuted_probs, _grad_row_id_map):
+        (row_id_map,) = ctx.saved_tensors
+        grad_tokens = grad_probs = None
+        if ctx.needs_input_grad[0] and grad_permuted is not None:
+            grad_tokens = unpermute(grad_permuted, row_id_map, None).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[2] and grad_permuted_probs is not None:
+            grad_probs = _grad_of_probs(grad_permuted_probs, row_id_map).to(ctx.dtypes[1])
+        return grad_tokens, None, grad_probs, None, None, None
+
+
+class _UnpermuteFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, permuted, row_id_map, merging_probs):
+        ctx.save_for_backward(permuted, row_id_map, merging_probs)
+        return _kernels().unpermute(permuted, row_id_map, merging_probs)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        permuted, row_id_map, merging_probs = ctx.saved_tensors
+        probs_grad = merging_probs is not None and ctx.needs_input_grad[2]
+        grad_permuted, grad_probs = _kernels().unpermute_backward(grad_out, permuted, row_id_map, merging_probs, probs_grad)
+        return grad_permuted, None, grad_probs
+
+
+class _PermuteByMapFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tokens, row_id_map, num_rows):
+        ctx.save_for_backward(row_id_map)
+        return _kernels().permute_by_map(tokens, row_id_map, num_rows)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (row_id_map,) = ctx.saved_tensors
+        return unpermute(grad_out, row_id_map, None), None, None
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 # --- backend interface (see moe_dispatch.permute) ---------------------------------------------
 def permute(
     tokens: torch.Tensor,
@@ -168,10 +230,14 @@ def permute(
 ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
     """``(permuted [M, H], permuted_probs [M] or None, row_id_map int64 [N, K])``; see
     :func:`moe_dispatch.permute.permute`. No host sync when ``num_out_rows`` is given."""
-    permuted, permuted_probs, row_id_map = _permute_op(
-        tokens, selected_experts, probs, num_experts, align_size, -1 if num_out_rows is None else num_out_rows
-    )
-    return permuted, None if probs is None else permuted_probs, row_id_map
+    if torch.compiler.is_compiling():
+        permuted, permuted_probs, row_id_map = _permute_op(
+            tokens, selected_experts, probs, num_experts, align_size, -1 if num_out_rows is None else num_out_rows
+        )
+        return permuted, None if probs is None else permuted_probs, row_id_map
+    if _needs_grad(tokens, probs):
+        return _PermuteFn.apply(tokens, selected_experts, probs, num_experts, align_size, num_out_rows)
+    return _kernels().permute(tokens, selected_experts, num_experts, probs, align_size, num_out_rows)
 
 
 def unpermute(
@@ -179,4 +245,17 @@ def unpermute(
 ) -> torch.Tensor:
     """``[N, H]`` in permuted's dtype: ``sum_k merging_probs[n, k] * permuted[row_id_map[n, k]]``
     in fp32; see :func:`moe_dispatch.permute.unpermute`."""
-    return _unpermute_op(permuted, row_id_map, merging_probs)
+    if torch.compiler.is_compiling():
+        return _unpermute_op(permuted, row_id_map, merging_probs)
+    if _needs_grad(permuted, merging_probs):
+        return _UnpermuteFn.apply(permuted, row_id_map, merging_probs)
+    return _kernels().unpermute(permuted, row_id_map, merging_probs)
+
+
+def permute_by_map(tokens: torch.Tensor, row_id_map: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``[num_rows, H]``: ``out[row_id_map[n, k]] = tokens[n]``, zero rows elsewhere, for a
+    ``row_id_map`` computed elsewhere (e.g. the all-to-all capacity layout); each row used at most
+    once. Differentiable w.r.t. ``tokens`` (backward: an unpermute without weights). No host sync."""
+    if _needs_grad(tokens):
+        return _PermuteByMapFn.apply(tokens, row_id_map, num_rows)
+    return _kernels().permute_by_map(tokens, row_id_map, num_rows)

@@ -1,0 +1,104 @@
+"""The cached low-level launch path (``moe_dispatch.kernels.launcher``) on a stand-in kernel:
+which calls take the ordinary ``kernel[grid](...)`` path, which reuse the compiled kernel, and
+that the reused call passes the same arguments in the same order. (On CUDA the bitwise checks of
+the real kernels are in ``tests/test_fastpath_gpu.py``.)"""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from moe_dispatch.kernels import launcher  # noqa: E402
+
+
+class _Compiled:
+    def __init__(self, log):
+        self.log, self.function, self.packed_metadata = log, "fn", "meta"
+
+    def run(self, *a):
+        self.log.append(("fast",) + a)
+
+
+class _Kernel:
+    """Looks like a ``triton.jit`` function: ``arg_names`` and ``kernel[grid](*args, **kw)``."""
+
+    def __init__(self, arg_names, compiled=True):
+        self.arg_names, self.log, self.compiled = arg_names, [], compiled
+
+    def __getitem__(self, grid):
+        def run(*args, **kw):
+            self.log.append(("slow", grid, args, kw))
+            return _Compiled(self.log) if self.compiled else None
+        return run
+
+
+@pytest.fixture
+def fast(monkeypatch):
+    monkeypatch.setattr(launcher, "fast_launch_enabled", lambda: True)
+    monkeypatch.setattr(launcher, "_device_of", lambda args: 0)
+    monkeypatch.setattr(launcher, "_raw_stream", lambda device: 77)
+    monkeypatch.setattr(launcher, "_hooks_ok", lambda: True)
+
+
+def test_second_call_reuses_the_compiled_kernel(fast):
+    k = _Kernel(["x", "n", "BLOCK"])
+    x = torch.zeros(8)
+    launcher.launch(k, (3,), (x, 5), {"BLOCK": 16}, 4)
+    launcher.launch(k, (4, 2), (x, 7), {"BLOCK": 16}, 4)
+    assert k.log[0][0] == "slow" and k.log[0][3] == {"BLOCK": 16, "num_warps": 4}
+    assert k.log[1] == ("fast", 4, 2, 1, 77, "fn", "meta", None, None, None, x.data_ptr(), 7, 16)
+
+
+@pytest.mark.parametrize("first, second", [
+    ((5,), (1,)),            # an int that becomes 1: Triton specializes it
+    ((5,), (32,)),           # divisible by 16
+    ((5,), (2**31,)),        # int64
+    ((5,), (5.0,)),          # float
+])
+def test_specialization_changes_recompile(fast, first, second):
+    k = _Kernel(["n", "BLOCK"])
+    launcher.launch(k, (1,), first, {"BLOCK": 16}, 4)
+    launcher.launch(k, (1,), second, {"BLOCK": 16}, 4)
+    assert [e[0] for e in k.log] == ["slow", "slow"]
+
+
+def test_alignment_dtype_constexpr_and_warps_are_in_the_key(fast):
+    k = _Kernel(["x", "BLOCK"])
+    x = torch.zeros(16)
+    for args, ce, w in [((x,), 16, 4), ((x[1:],), 16, 4), ((x.int(),), 16, 4), ((x,), 32, 4), ((x,), 16, 8)]:
+        launcher.launch(k, (1,), args, {"BLOCK": ce}, w)
+    assert [e[0] for e in k.log] == ["slow"] * 5
+    launcher.launch(k, (1,), (x,), {"BLOCK": 16}, 4)
+    assert k.log[-1][0] == "fast"
+
+
+def test_unknown_api_or_arguments_always_take_the_ordinary_path(fast):
+    for k, args in [(_Kernel(["x", "BLOCK"], compiled=False), (1,)),   # no CompiledKernel returned
+                    (_Kernel(["BLOCK", "x"]), (1,)),                   # constexpr not trailing
+                    (_Kernel(["x", "BLOCK"]), ("a string",))]:         # an argument we cannot key
+        for _ in range(3):
+            launcher.launch(k, (1,), args, {"BLOCK": 16}, 4)
+        assert [e[0] for e in k.log] == ["slow"] * 3
+
+
+def test_launch_hooks_take_the_ordinary_path(fast, monkeypatch):
+    k = _Kernel(["n", "BLOCK"])
+    launcher.launch(k, (1,), (5,), {"BLOCK": 16}, 4)
+    monkeypatch.setattr(launcher, "_hooks_ok", lambda: False)
+    launcher.launch(k, (1,), (5,), {"BLOCK": 16}, 4)
+    assert [e[0] for e in k.log] == ["slow", "slow"]
+
+
+def test_disabled_under_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not launcher.fast_launch_enabled()
+    k = _Kernel(["n", "BLOCK"])
+    for _ in range(2):
+        launcher.launch(k, (1,), (5,), {"BLOCK": 16}, 4)
+    assert [e[0] for e in k.log] == ["slow", "slow"] and not hasattr(k, "_moe_fast_cache")
+
+
+def test_hooks_empty():
+    class Chain:
+        def __init__(self, calls):
+            self.calls = calls
+    assert launcher._hooks_empty(None) and launcher._hooks_empty(Chain([]))
+    assert not launcher._hooks_empty(Chain([print])) and not launcher._hooks_empty(print)
