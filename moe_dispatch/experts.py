@@ -25,6 +25,9 @@ te          TransformerEngine ``GroupedLinear`` (FP8 / FP4 under  CUDA with TE i
             ``te.autocast``), fed views of the stacked weights    one host sync (m_splits)
 loop        one ``F.linear`` pair per expert (the reference)     any device and dtype; one
                                                                  host sync
+fused       Triton grouped GEMMs, SwiGLU fused into gate+up      CUDA (or CPU under
+            (:mod:`moe_dispatch.experts_fused`)                  ``TRITON_INTERPRET=1``);
+                                                                 bf16/fp16/fp32; no sync
 ==========  ===================================================  ===========================
 
 ``"auto"`` picks ``grouped_mm`` on CUDA for bf16 inputs when it can run there, else ``loop``
@@ -44,7 +47,7 @@ from torch import nn
 
 __all__ = ["SwiGLUExperts", "EXPERT_BACKENDS", "resolve_expert_backend", "import_transformer_engine"]
 
-EXPERT_BACKENDS = ("grouped_mm", "te", "loop")
+EXPERT_BACKENDS = ("grouped_mm", "te", "loop", "fused")
 
 _TE_INSTALL_HINT = 'pip install "moe_dispatch[te]" (or transformer-engine[pytorch])'
 
@@ -157,7 +160,7 @@ class SwiGLUExperts(nn.Module):
         num_experts: L, experts held by this module (the EP rank's local experts).
         hidden_size: H.
         intermediate_size: I.
-        backend: ``"auto" | "grouped_mm" | "te" | "loop"`` (see the module docstring). ``"te"``
+        backend: ``"auto" | "grouped_mm" | "te" | "loop" | "fused"`` (see the module docstring). ``"te"``
             builds TE modules now and raises ImportError without TransformerEngine.
         device, dtype: of the parameters.
 
@@ -219,6 +222,10 @@ class SwiGLUExperts(nn.Module):
             self.backend, expert_input, self.hidden_size, self.intermediate_size)
         if backend == "grouped_mm":
             return self._forward_grouped_mm(expert_input, tokens_per_expert)
+        if backend == "fused":
+            from .experts_fused import fused_swiglu_experts  # lazy: imports triton
+            return fused_swiglu_experts(expert_input, tokens_per_expert, _local_weight(self.experts_gate_up_weight),
+                                        _local_weight(self.experts_down_weight))
         counts = [int(c) for c in tokens_per_expert.tolist()]  # host sync: per-expert row counts
         if backend == "te":
             return self._forward_te(expert_input, counts)

@@ -9,7 +9,7 @@ __all__ = ["NVMixtralConfig", "LAYER_PRECISIONS", "ATTN_INPUT_FORMATS", "SELF_AT
 LAYER_PRECISIONS = ("fp8", "fp4", None)
 ATTN_INPUT_FORMATS = ("bshd", "thd")
 SELF_ATTN_MASK_TYPES = ("causal", "padding_causal")
-EXPERT_BACKENDS = ("auto", "grouped_mm", "te", "loop")
+EXPERT_BACKENDS = ("auto", "grouped_mm", "te", "loop", "fused")
 PERMUTE_BACKENDS = ("auto", "torch", "triton", "te")
 ATTN_BACKENDS = ("auto", "sdpa", "te")
 
@@ -37,7 +37,7 @@ class NVMixtralConfig(MixtralConfig):
             ``attention_mask`` is applied in both cases.
         moe_aux_loss_coeff: scale of each layer's load-balancing loss (0: off); the scaled sum
             over layers is added to the LM loss when labels are given.
-        expert_backend: ``"auto" | "grouped_mm" | "te" | "loop"`` (see ``moe_dispatch.experts``).
+        expert_backend: ``"auto" | "grouped_mm" | "te" | "loop" | "fused"`` (see ``moe_dispatch.experts``).
         permute_backend: ``"auto" | "torch" | "triton" | "te"`` for the default dispatcher.
         attn_backend: ``"auto" | "sdpa" | "te"``; auto takes TE's fused attention on CUDA when
             TransformerEngine is installed.
