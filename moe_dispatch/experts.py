@@ -40,6 +40,7 @@ shard (``to_local()``, differentiable: the gradient comes back as a ``Shard(0)``
 from __future__ import annotations
 
 import importlib
+import os
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +90,8 @@ def resolve_expert_backend(backend: str, x: torch.Tensor, hidden_size: int, inte
         return "grouped_mm" if _grouped_mm_why_unavailable(x, hidden_size, intermediate_size) is None else "loop"
     if backend not in EXPERT_BACKENDS:
         raise ValueError(f"expert backend must be one of {('auto',) + EXPERT_BACKENDS}, got {backend!r}")
+    if backend == "fused" and x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"expert backend 'fused' runs on CUDA (or on CPU under TRITON_INTERPRET=1); input is on {x.device}")
     if backend == "grouped_mm":
         why = _grouped_mm_why_unavailable(x, hidden_size, intermediate_size)
         if why is not None:

@@ -217,7 +217,9 @@ def routing_rows(selected_experts_NK: torch.Tensor, routing_weights_NK: torch.Te
     flat = selected_experts_NK.reshape(-1).long()
     key = torch.where(flat >= 0, flat, torch.full_like(flat, num_experts))
     order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    # scatter_add, not bincount: CUDA bincount syncs to size its output
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=key.device).scatter_add_(
+        0, key, torch.ones_like(key))[:num_experts]
     row_token = (order // K).to(torch.int32)
     weight = routing_weights_NK.reshape(-1).float()
     row_weight = torch.where(key[order] < num_experts, weight[order], weight.new_zeros(()))
@@ -227,6 +229,7 @@ def routing_rows(selected_experts_NK: torch.Tensor, routing_weights_NK: torch.Te
 def fused_moe_experts(
     x_NH: torch.Tensor, selected_experts_NK: torch.Tensor, routing_weights_NK: torch.Tensor,
     w_gate_up: torch.Tensor, w_down: torch.Tensor, *, gather: bool = True, scatter: bool = True,
+    check_ids: bool = True,
 ) -> torch.Tensor:
     """Single-GPU / EP=1 MoE experts from tokens to combined tokens, differentiable (w.r.t. tokens,
     both weights and the routing weights).
@@ -242,12 +245,14 @@ def fused_moe_experts(
             copy); False makes the ``[S, H]`` copy first (for measuring the difference).
         scatter: add each row's ``w * y`` into its token inside the down GEMM (fp32 atomics);
             False writes ``y [S, H]`` and combines with ``index_add``.
+        check_ids: check the expert ids on the host (one sync); False for ids known valid
+            (a router's output).
 
     Returns:
         ``[N, H]`` in x's dtype.
 
     Raises:
-        ValueError / TypeError on bad shapes, dtypes or expert ids (the id check syncs).
+        ValueError / TypeError on bad shapes, dtypes or (``check_ids``) expert ids.
     """
     _check_dtype(x_NH)
     if x_NH.dim() != 2:
@@ -260,7 +265,7 @@ def fused_moe_experts(
     if routing_weights_NK.shape != selected_experts_NK.shape or not routing_weights_NK.is_floating_point():
         raise ValueError(f"routing_weights_NK must be floating {tuple(selected_experts_NK.shape)}, got "
                          f"{routing_weights_NK.dtype} {tuple(routing_weights_NK.shape)}")
-    if selected_experts_NK.numel() and not torch.compiler.is_compiling():
+    if check_ids and selected_experts_NK.numel() and not torch.compiler.is_compiling():
         lo, hi = int(selected_experts_NK.min()), int(selected_experts_NK.max())  # host sync: id check
         if lo < -1 or hi >= L:
             raise ValueError(f"selected_experts_NK must be in [-1, {L}), got values in [{lo}, {hi}]")

@@ -30,8 +30,10 @@ on the real arguments, never per step. ``tuning_log()`` returns what was measure
 """
 from __future__ import annotations
 
+import ast
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
@@ -287,22 +289,16 @@ _C = TileConfig
 # "large" for many (tensor-core bound). gate_up's BN is per half: its tile covers 2 * BN columns.
 _CANDIDATES: dict[str, dict[str, list[TileConfig]]] = {
     "gate_up": {
-        "large": [_C(128, 128, 64, 8, 8, 3), _C(128, 64, 64, 8, 4, 4), _C(128, 64, 64, 8, 8, 4),
-                  _C(64, 128, 64, 8, 4, 4), _C(128, 128, 64, 8, 8, 4), _C(128, 128, 32, 8, 8, 4)],
-        "small": [_C(16, 64, 128, 8, 4, 4), _C(32, 64, 128, 8, 4, 4), _C(64, 64, 64, 8, 4, 4),
-                  _C(32, 128, 64, 8, 4, 4), _C(64, 128, 64, 8, 4, 3)],
+        "large": [_C(128, 128, 64, 8, 8, 3), _C(128, 64, 64, 8, 4, 4), _C(64, 128, 64, 8, 4, 4)],
+        "small": [_C(64, 64, 128, 8, 4, 4), _C(32, 64, 128, 8, 4, 4), _C(64, 128, 64, 8, 4, 3)],
     },
     "rows": {
-        "large": [_C(128, 256, 64, 8, 8, 3), _C(128, 128, 64, 8, 4, 4), _C(128, 128, 64, 8, 8, 4),
-                  _C(64, 256, 64, 8, 8, 3), _C(128, 256, 64, 8, 8, 4), _C(256, 128, 64, 8, 8, 3)],
-        "small": [_C(16, 128, 128, 8, 4, 4), _C(32, 128, 128, 8, 4, 4), _C(64, 128, 64, 8, 4, 4),
-                  _C(32, 256, 64, 8, 4, 4), _C(64, 256, 64, 8, 8, 3)],
+        "large": [_C(128, 256, 64, 8, 8, 3), _C(128, 128, 64, 8, 4, 4), _C(128, 128, 64, 8, 8, 4)],
+        "small": [_C(64, 128, 64, 8, 4, 4), _C(32, 128, 128, 8, 4, 4), _C(64, 256, 64, 8, 8, 3)],
     },
     "wgrad": {
-        "large": [_C(128, 256, 64, 8, 8, 3), _C(128, 128, 64, 8, 4, 4), _C(128, 128, 64, 8, 8, 4),
-                  _C(256, 128, 64, 8, 8, 3), _C(128, 128, 32, 8, 4, 4)],
-        "small": [_C(128, 128, 32, 8, 4, 3), _C(128, 128, 16, 8, 4, 3), _C(64, 128, 32, 8, 4, 3),
-                  _C(128, 64, 32, 8, 4, 3), _C(128, 256, 32, 8, 8, 3)],
+        "large": [_C(128, 256, 64, 8, 8, 3), _C(128, 128, 64, 8, 8, 4), _C(128, 128, 64, 8, 4, 4)],
+        "small": [_C(128, 128, 32, 8, 4, 3), _C(64, 128, 32, 8, 4, 3), _C(128, 256, 32, 8, 8, 3)],
     },
 }
 # Under the interpreter: small tiles, one config (tests may override it via _INTERPRET_CONFIG).
@@ -319,12 +315,15 @@ def _rows_bucket(rows: int, experts: int) -> int:
     return min(1 << (mean - 1).bit_length(), 1 << 16)
 
 
-def tile_config(kind: str, key: tuple, bucket: int, launch: Callable[[TileConfig], None]) -> TileConfig:
+def tile_config(kind: str, key: tuple, bucket: int, launch: Callable[[TileConfig], None], flops: float = 0.0) -> TileConfig:
     """The cached best config of kernel ``kind`` for ``key`` (sizes, dtype, flags) and rows bucket.
 
     On a miss, times every candidate (``launch(cfg)`` must run the kernel on scratch outputs)
-    and keeps the fastest; configs that fail to compile (too much shared memory) are skipped.
-    Env ``MOE_FUSED_TILE`` = ``BMxBNxBK`` forces a config (with GROUP_M 8, 8 warps, 3 stages)."""
+    and keeps the fastest (``flops`` of one launch goes into the log); configs that fail to
+    compile (too much shared memory) are skipped.
+    Env: ``MOE_FUSED_TILE`` = ``BMxBNxBK`` forces a config (with GROUP_M 8, 8 warps, 3 stages);
+    ``MOE_FUSED_TUNE=0`` takes the bucket's first candidate untimed; ``MOE_FUSED_TUNE_CACHE`` =
+    a JSON file the tuned configs are read from and written to (shared across processes)."""
     if _INTERPRET:
         return _INTERPRET_CONFIG[kind]
     forced = os.environ.get("MOE_FUSED_TILE")
@@ -332,11 +331,14 @@ def tile_config(kind: str, key: tuple, bucket: int, launch: Callable[[TileConfig
         bm, bn, bk = (int(v) for v in forced.split("x"))
         return _C(bm, bn, bk, 8, 8, 3)
     full_key = (kind, bucket) + key
+    _load_disk_cache()
     cfg = _CACHE.get(full_key)
     if cfg is not None:
         return cfg
     lists = _CANDIDATES[kind]
-    candidates = lists["small"] + lists["large"][:2] if bucket <= _SMALL_ROWS else lists["large"] + lists["small"][-1:]
+    candidates = lists["small" if bucket <= _SMALL_ROWS else "large"]
+    if os.environ.get("MOE_FUSED_TUNE", "1") == "0":  # no timing: the first (default) candidate
+        return candidates[0]
     timings = {}
     for cand in candidates:
         try:
@@ -348,9 +350,37 @@ def tile_config(kind: str, key: tuple, bucket: int, launch: Callable[[TileConfig
         raise RuntimeError(f"no tile config compiled for {kind} {key}")
     cfg = min(timings, key=timings.get)
     _CACHE[full_key] = cfg
+    _save_disk_cache()
     _LOG.append({"kind": kind, "bucket": bucket, "key": key, "best": str(cfg),
-                 "ms": {str(c): t for c, t in timings.items()}})
+                 "flops": flops, "ms": {str(c): t for c, t in timings.items()}})
     return cfg
+
+
+def _disk_cache_path() -> str | None:
+    return os.environ.get("MOE_FUSED_TUNE_CACHE") or None
+
+
+_DISK_LOADED = [False]
+
+
+def _load_disk_cache() -> None:
+    """Merge the JSON cache at ``$MOE_FUSED_TUNE_CACHE`` (if set and present) into the process cache, once."""
+    path = _disk_cache_path()
+    if _DISK_LOADED[0] or path is None:
+        return
+    _DISK_LOADED[0] = True
+    if os.path.exists(path):
+        with open(path) as f:
+            for key, fields in json.load(f).items():
+                _CACHE.setdefault(ast.literal_eval(key), TileConfig(**fields))
+
+
+def _save_disk_cache() -> None:
+    path = _disk_cache_path()
+    if path is None:
+        return
+    with open(path, "w") as f:
+        json.dump({repr(k): asdict(v) for k, v in _CACHE.items()}, f, indent=1)
 
 
 def tuning_log() -> list[dict]:
@@ -368,9 +398,10 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _block_l(num_experts: int) -> int:
+    """Width of the per-program expert scan: few distinct values, so few compiled variants."""
     if num_experts > _MAX_EXPERTS:
         raise ValueError(f"at most {_MAX_EXPERTS} local experts are supported, got {num_experts}")
-    return max(16, triton.next_power_of_2(num_experts))
+    return 16 if num_experts <= 16 else max(256, triton.next_power_of_2(num_experts))
 
 
 def _num_row_blocks(rows: int, experts: int, bm: int) -> int:
@@ -415,7 +446,8 @@ def gate_up_swiglu(
     if config is None:
         scratch = (torch.empty_like(h), None if gu is None else torch.empty_like(gu))
         config = tile_config("gate_up", (H, I, str(x.dtype), row_token is not None, save_gate_up),
-                             _rows_bucket(num_rows, L), lambda c: launch(c, *scratch))
+                             _rows_bucket(num_rows, L), lambda c: launch(c, *scratch),
+                             flops=4.0 * num_rows * H * I)
     launch(config)
     return h, gu
 
@@ -473,7 +505,8 @@ def rows_gemm(
     if config is None:
         scratch = torch.empty_like(out)
         flags = (str(a.dtype), epilogue, a_gather, row_weight is not None, b_strides[2] == 1)
-        config = tile_config("rows", (n, K) + flags, _rows_bucket(num_rows, L), lambda c: launch(c, scratch))
+        config = tile_config("rows", (n, K) + flags, _rows_bucket(num_rows, L), lambda c: launch(c, scratch),
+                             flops=2.0 * num_rows * n * K)
         del scratch
     dwp = launch(config, out)
     return dwp.sum(0) if dwp is not None else None
@@ -509,6 +542,7 @@ def expert_weight_grad(
     if config is None:
         scratch = torch.empty_like(out)
         flags = (str(a.dtype), a_token is not None, a_weight is not None, b_token is not None)
-        config = tile_config("wgrad", (P, Q) + flags, _rows_bucket(num_rows, L), lambda c: launch(c, scratch))
+        config = tile_config("wgrad", (P, Q) + flags, _rows_bucket(num_rows, L), lambda c: launch(c, scratch),
+                             flops=2.0 * num_rows * P * Q)
         del scratch
     launch(config)
