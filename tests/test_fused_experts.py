@@ -286,3 +286,36 @@ def test_gpu_mixtral_shape_bf16_vs_fp32_loop(path):
         err = rel_err(g, w)
         print(f"{path} {name}: rel err {err:.2e}")
         assert err < BF16_TOL, name
+
+
+def test_tile_config_tunes_once_and_persists(tmp_path, monkeypatch):
+    """The autotune times each candidate once per key, caches the fastest, and reads it back from
+    the JSON cache in a fresh process (simulated by clearing the in-process cache)."""
+    from moe_dispatch.kernels import grouped_gemm as gg
+
+    monkeypatch.setattr(gg, "_INTERPRET", False)
+    monkeypatch.setenv("MOE_FUSED_TUNE_CACHE", str(tmp_path / "tune.json"))
+    monkeypatch.setattr(gg, "_DISK_LOADED", [False])
+    monkeypatch.setattr(gg, "_CACHE", {})
+    monkeypatch.setattr(gg, "_LOG", [])
+    cands = gg._CANDIDATES["rows"]["large"]
+    fake_ms = {c: 1.0 + i for i, c in enumerate(cands)}
+    fake_ms[cands[1]] = 0.5  # the second candidate is fastest
+    calls = []
+
+    def fake_bench(fn, **kwargs):
+        fn()
+        return fake_ms.get(calls[-1], 2.0)
+
+    monkeypatch.setattr(gg.triton.testing, "do_bench", fake_bench)
+    key = (4096, 14336, "torch.bfloat16")
+    got = gg.tile_config("rows", key, 1024, calls.append)
+    assert got == cands[1] and calls == cands
+    assert gg.tile_config("rows", key, 1024, calls.append) == cands[1] and len(calls) == len(cands)  # cached
+    small = gg.tile_config("rows", key, 32, calls.append)  # another bucket: tuned over the small list
+    assert small in gg._CANDIDATES["rows"]["small"]
+    gg._CACHE.clear()
+    gg._DISK_LOADED[0] = False
+    n_calls = len(calls)
+    assert gg.tile_config("rows", key, 1024, calls.append) == cands[1] and len(calls) == n_calls  # from disk
+    assert [e["best"] for e in gg.tuning_log()][:1] == [str(cands[1])]
