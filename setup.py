@@ -7,6 +7,13 @@ import os
 
 from setuptools import find_packages, setup
 
+# The models follow transformers' KV-cache and mask conventions of 5.17+ (Cache.get_mask_sizes(
+# query_length, layer_idx), no cache_position); 5.24 renamed past_key_values to cache, and both
+# work. CI runs the suite on the newest release pip resolves and the model tests on this bound.
+# No upper bound: no newer release is known broken.
+TRANSFORMERS_LOWER_BOUND = "5.17.0"
+TRANSFORMERS = f"transformers>={TRANSFORMERS_LOWER_BOUND}"
+
 ext_modules, cmdclass = [], {}
 if os.environ.get("MOE_DISPATCH_BUILD_CUDA") == "1":
     import glob
@@ -29,10 +36,10 @@ setup(
     # torch>=2.11: the device image has 2.11, CI 2.13. numpy for the benchmark tables.
     install_requires=["torch>=2.11", "numpy"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "pytest-timeout", "hypothesis", "transformers>=5.0",
+        "test": ["pytest", "pytest-benchmark", "pytest-timeout", "hypothesis", TRANSFORMERS,
                  "safetensors", "triton"],
         "te": ["transformer-engine[pytorch]"],
-        "models": ["transformers>=5.0", "safetensors"],
+        "models": [TRANSFORMERS, "safetensors"],
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["moe-dispatch-bench=moe_dispatch.bench.runner:main"]},

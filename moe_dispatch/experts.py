@@ -12,7 +12,8 @@ Weights are stacked over local experts so that a later EP wrapper can turn each 
   rows ``[I:]`` the up projection (HF ``w3``); HF transformers 5 ``gate_up_proj`` has this layout.
 - ``experts_down_weight`` ``[L, H, I]``: the down projection (HF ``w2`` / ``down_proj``).
 
-Expert ``l`` computes ``down_l(silu(gate_l(x)) * up_l(x))`` on rows
+Expert ``l`` computes ``down_l(act(gate_l(x)) * up_l(x))`` (``act`` = ``activation``, SiLU by
+default: SwiGLU; GELU variants give GeGLU) on rows
 ``[offset_l, offset_l + tokens_per_expert[l])``, ``offset_l = sum(tokens_per_expert[:l])``.
 
 Backends (``backend=``):
@@ -26,7 +27,7 @@ te          TransformerEngine ``GroupedLinear`` (FP8 / FP4 under  CUDA with TE i
 loop        one ``F.linear`` pair per expert (the reference)     any device and dtype; one
                                                                  host sync
 fused       Triton grouped GEMMs, SwiGLU fused into gate+up      CUDA (or CPU under
-            (:mod:`moe_dispatch.experts_fused`)                  ``TRITON_INTERPRET=1``);
+            (:mod:`moe_dispatch.experts_fused`); SiLU only       ``TRITON_INTERPRET=1``);
                                                                  bf16/fp16/fp32; no sync
 ==========  ===================================================  ===========================
 
@@ -40,15 +41,37 @@ shard (``to_local()``, differentiable: the gradient comes back as a ``Shard(0)``
 from __future__ import annotations
 
 import importlib
+import math
 import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SwiGLUExperts", "EXPERT_BACKENDS", "resolve_expert_backend", "import_transformer_engine"]
+__all__ = ["SwiGLUExperts", "EXPERT_BACKENDS", "ACTIVATIONS", "resolve_expert_backend", "import_transformer_engine"]
 
 EXPERT_BACKENDS = ("grouped_mm", "te", "loop", "fused")
+
+
+def _gelu_tanh_formula(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+#: Gate activations by their HF ``hidden_act`` names, with HF's numerics (``transformers.activations``).
+#: Every backend applies it between its two GEMMs in PyTorch.
+ACTIVATIONS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": _gelu_tanh_formula,
+    "gelu_fast": lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "relu": F.relu,
+    "relu2": lambda x: torch.square(F.relu(x)),
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+}
 
 _TE_INSTALL_HINT = 'pip install "moe_dispatch[te]" (or transformer-engine[pytorch])'
 
@@ -119,9 +142,11 @@ class _TEGroupedSwiGLU(nn.Module):
     stacked parameters, so the state dict and the DTensor-friendly layout stay those of
     :class:`SwiGLUExperts` whatever the backend. They keep TE's FP8 scaling state (amax history)."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, dtype: torch.dtype | None) -> None:
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, dtype: torch.dtype | None,
+                 activation: str = "silu") -> None:
         super().__init__()
         te = import_transformer_engine()
+        self.act = ACTIVATIONS[activation]
         kwargs = dict(bias=False, device="meta", params_dtype=dtype or torch.get_default_dtype())
         self.gate_up = te.GroupedLinear(num_experts, hidden_size, 2 * intermediate_size, **kwargs)
         self.down = te.GroupedLinear(num_experts, intermediate_size, hidden_size, **kwargs)
@@ -148,7 +173,7 @@ class _TEGroupedSwiGLU(nn.Module):
                 x_RH, splits = self.pad(x_RH, m_splits)
             gate_up_R2I = self.gate_up(x_RH, splits)
             gate_RI, up_RI = gate_up_R2I.chunk(2, dim=-1)
-            out_RH = self.down(F.silu(gate_RI) * up_RI, splits)
+            out_RH = self.down(self.act(gate_RI) * up_RI, splits)
             return self.unpad(out_RH, m_splits) if quantized else out_RH
         finally:
             for linear in (self.gate_up, self.down):  # drop the views: no reference to the graph
@@ -165,7 +190,12 @@ class SwiGLUExperts(nn.Module):
         intermediate_size: I.
         backend: ``"auto" | "grouped_mm" | "te" | "loop" | "fused"`` (see the module docstring). ``"te"``
             builds TE modules now and raises ImportError without TransformerEngine.
+        activation: gate activation, an HF ``hidden_act`` name in :data:`ACTIVATIONS`
+            (default ``"silu"``: SwiGLU).
         device, dtype: of the parameters.
+
+    Raises:
+        ValueError naming the argument on a bad value.
 
     Parameters (uninitialised; call :meth:`reset_parameters` or let the model init them):
         experts_gate_up_weight: ``[L, 2*I, H]``, gate rows first, then up rows.
@@ -179,6 +209,7 @@ class SwiGLUExperts(nn.Module):
         intermediate_size: int,
         backend: str = "auto",
         *,
+        activation: str = "silu",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -188,16 +219,22 @@ class SwiGLUExperts(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if backend != "auto" and backend not in EXPERT_BACKENDS:
             raise ValueError(f"backend must be one of {('auto',) + EXPERT_BACKENDS}, got {backend!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)} (HF hidden_act names), got {activation!r}")
+        if backend == "fused" and activation not in ("silu", "swish"):
+            raise ValueError(f"backend 'fused' computes SwiGLU only (activation 'silu'), got activation={activation!r}")
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
-        self.backend = backend
+        self.backend, self.activation = backend, activation
+        self.act = ACTIVATIONS[activation]
         factory = dict(device=device, dtype=dtype)
         self.experts_gate_up_weight = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **factory))
         self.experts_down_weight = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **factory))
-        self.te_grouped = _TEGroupedSwiGLU(num_experts, hidden_size, intermediate_size, dtype) if backend == "te" else None
+        self.te_grouped = (_TEGroupedSwiGLU(num_experts, hidden_size, intermediate_size, dtype, activation)
+                           if backend == "te" else None)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
-                f"intermediate_size={self.intermediate_size}, backend={self.backend!r}")
+                f"intermediate_size={self.intermediate_size}, backend={self.backend!r}, activation={self.activation!r}")
 
     @torch.no_grad()
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -243,7 +280,7 @@ class SwiGLUExperts(nn.Module):
         w_down = _local_weight(self.experts_down_weight).to(x_RH.dtype)
         gate_up_R2I = torch._grouped_mm(x_RH, w_gate_up.transpose(-2, -1), offs=offsets_L)
         gate_RI, up_RI = gate_up_R2I.chunk(2, dim=-1)
-        return torch._grouped_mm(F.silu(gate_RI) * up_RI, w_down.transpose(-2, -1), offs=offsets_L)
+        return torch._grouped_mm(self.act(gate_RI) * up_RI, w_down.transpose(-2, -1), offs=offsets_L)
 
     def _forward_te(self, x_RH: torch.Tensor, counts: list[int]) -> torch.Tensor:
         used = sum(counts)
@@ -261,7 +298,7 @@ class SwiGLUExperts(nn.Module):
             # Experts with no rows still run (on 0 rows) so every weight is in the graph.
             x_TH = x_RH[start:start + count]
             gate_TI, up_TI = F.linear(x_TH, w_gate_up[expert]).chunk(2, dim=-1)
-            outputs.append(F.linear(F.silu(gate_TI) * up_TI, w_down[expert]))
+            outputs.append(F.linear(self.act(gate_TI) * up_TI, w_down[expert]))
             start += count
         if start < x_RH.shape[0]:
             outputs.append(x_RH.new_zeros(x_RH.shape[0] - start, self.hidden_size))

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .protocol import TokenDispatcher
+from .routing import LoadStats
 
 __all__ = ["MoELayer", "MoEOutput"]
 
@@ -27,10 +28,16 @@ class MoEOutput(NamedTuple):
     Attributes:
         hidden_states: ``[..., H]`` in the input's dtype.
         aux_loss: fp32 scalar, the router's (already scaled) load-balancing loss; 0 when off.
+        router_logits: fp32 ``[N, E]`` gate logits (N = tokens of the input, flattened), when
+            the router reports them (``TopKRouter`` does), else None.
+        load_stats: the router's :class:`~moe_dispatch.routing.LoadStats` when it computed
+            them (aux loss on, or ``need_load_stats=True``), else None.
     """
 
     hidden_states: torch.Tensor
     aux_loss: torch.Tensor
+    router_logits: torch.Tensor | None = None
+    load_stats: LoadStats | None = None
 
 
 def _keep_dtype(fn: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -50,7 +57,10 @@ class MoELayer(nn.Module):
 
     Args:
         router: ``hidden [N, H] -> (selected_experts int64 [N, K], routing_weights fp32 [N, K],
-            aux_loss fp32 scalar)``, e.g. :class:`moe_dispatch.TopKRouter`.
+            aux_loss fp32 scalar)``, e.g. :class:`moe_dispatch.TopKRouter`. A router with a
+            ``route(hidden, token_mask, need_load_stats=...)`` method returning a
+            :class:`~moe_dispatch.routing.RouterOutput` (as ``TopKRouter``) also reports its
+            logits and load statistics.
         experts: ``(expert_input [R, H], tokens_per_expert int64 [L]) -> [R, H]``, e.g.
             :class:`moe_dispatch.experts.SwiGLUExperts`.
         dispatcher: a :class:`~moe_dispatch.TokenDispatcher`.
@@ -91,21 +101,38 @@ class MoELayer(nn.Module):
             child._apply(_keep_dtype(fn, self.router_dtype) if child is self.router else fn)
         return super()._apply(fn, recurse=False)
 
-    def forward(self, hidden_states: torch.Tensor) -> MoEOutput:
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None, *,
+                need_load_stats: bool = False) -> MoEOutput:
         """Route every token to its top-k experts and sum their weighted outputs.
 
         Args:
             hidden_states: ``[..., H]`` (e.g. ``[B, S, H]``), floating point.
+            token_mask: bool ``[...]`` (``hidden_states``' leading shape; True: real token) or
+                None. Padding is still computed but left out of the router's load statistics.
+            need_load_stats: ask the router for its load statistics even when its own aux loss
+                is off (a model pooling them over layers does).
 
         Returns:
             :class:`MoEOutput` with ``hidden_states [..., H]`` in the input's dtype.
         """
         input_shape = hidden_states.shape
         x_NH = hidden_states.reshape(-1, input_shape[-1])
+        if token_mask is not None:
+            if tuple(token_mask.shape) != tuple(input_shape[:-1]):
+                raise ValueError(f"token_mask must have shape {tuple(input_shape[:-1])} (hidden_states without H), "
+                                 f"got {tuple(token_mask.shape)}")
+            token_mask = token_mask.reshape(-1).bool()
 
         # route: [N, K] expert ids and fp32 weights, in high precision
         router_input_NH = x_NH if self.router_dtype is None else x_NH.to(self.router_dtype)
-        selected_experts_NK, routing_weights_NK, aux_loss = self.router(router_input_NH)
+        router_logits_NE = load_stats = None
+        if hasattr(self.router, "route"):
+            routed = self.router.route(router_input_NH, token_mask, need_load_stats=need_load_stats)
+            selected_experts_NK, routing_weights_NK, aux_loss = (
+                routed.selected_experts, routed.routing_weights, routed.aux_loss)
+            router_logits_NE, load_stats = routed.logits, routed.load_stats
+        else:
+            selected_experts_NK, routing_weights_NK, aux_loss = self.router(router_input_NH)
 
         # dispatch: rows grouped by local expert, [R, H]
         dispatched = self.dispatcher.dispatch(x_NH, selected_experts_NK, routing_weights_NK)
@@ -116,4 +143,4 @@ class MoELayer(nn.Module):
 
         # combine: weighted sum back in token order, [N, H]
         out_NH = self.dispatcher.combine(expert_output_RH, dispatched.handle)
-        return MoEOutput(out_NH.view(input_shape), aux_loss)
+        return MoEOutput(out_NH.view(input_shape), aux_loss, router_logits_NE, load_stats)

@@ -319,3 +319,8 @@ def test_tile_config_tunes_once_and_persists(tmp_path, monkeypatch):
     n_calls = len(calls)
     assert gg.tile_config("rows", key, 1024, calls.append) == cands[1] and len(calls) == n_calls  # from disk
     assert [e["best"] for e in gg.tuning_log()][:1] == [str(cands[1])]
+
+
+def test_fused_backend_rejects_other_activations():
+    with pytest.raises(ValueError, match="activation"):
+        SwiGLUExperts(2, 16, 8, backend="fused", activation="gelu")

@@ -158,11 +158,15 @@ class Worst:
 
 # --- checks: each returns a dict of metrics (same keys on every rank) --------------------------------
 def check_forward_backward(rank: int, world: int, device, dtype, fields: dict, *, seed: int = 0,
-                           per_rank_reference: bool = False, per_rank: int = 2, seq: int = 8) -> dict:
+                           per_rank_reference: bool = False, per_rank: int = 2, seq: int = 8,
+                           padded: bool = False) -> dict:
     """EP=world vs EP=1: logits, mean loss, every gradient, per-expert token counts.
 
     ``per_rank_reference``: the reference runs each rank's batch on its own and averages the
     losses (needs ``moe_aux_loss_coeff == 0``); else it runs the concatenated batch at once.
+    ``padded``: row i is left-padded by ``i % 3`` tokens (an ``attention_mask``), within the two
+    unlabelled positions, so ranks hold different numbers of real tokens while the LM loss keeps
+    equal label counts: the router statistics must leave padding out and sum over the EP group.
     """
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -174,8 +178,13 @@ def check_forward_backward(rank: int, world: int, device, dtype, fields: dict, *
     model.set_ep_groups(ep_mesh=mesh)  # a second call is harmless
     ids, labels = make_batch(world, per_rank, seq, fields["vocab_size"], seed + 2, device)
     mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    mask = torch.ones_like(ids)
+    if padded:
+        for row in range(ids.shape[0]):
+            mask[row, :row % 3] = 0
+    mask_kw = (lambda rows: dict(attention_mask=mask[rows])) if padded else (lambda rows: {})
 
-    out = model(input_ids=ids[mine], labels=labels[mine])
+    out = model(input_ids=ids[mine], labels=labels[mine], **mask_kw(mine))
     out.loss.backward()
     finalize_ep_gradients(model)
     loss = out.loss.detach().float().clone()
@@ -187,14 +196,14 @@ def check_forward_backward(rank: int, world: int, device, dtype, fields: dict, *
         ref_logits, ref_loss, ref_counts = [], 0.0, 0
         for r in range(world):
             rows = slice(r * per_rank, (r + 1) * per_rank)
-            ref_out = ref(input_ids=ids[rows], labels=labels[rows])
+            ref_out = ref(input_ids=ids[rows], labels=labels[rows], **mask_kw(rows))
             (ref_out.loss / world).backward()
             ref_logits.append(ref_out.logits.detach())
             ref_loss = ref_loss + ref_out.loss.detach().float() / world
             ref_counts = ref_counts + torch.stack([l.mlp.last_tokens_per_expert.cpu() for l in ref.model.layers])
         ref_logits = torch.cat(ref_logits)
     else:
-        ref_out = ref(input_ids=ids, labels=labels)
+        ref_out = ref(input_ids=ids, labels=labels, **mask_kw(slice(None)))
         ref_out.loss.backward()
         ref_logits, ref_loss = ref_out.logits.detach(), ref_out.loss.detach().float()
         ref_counts = torch.stack([l.mlp.last_tokens_per_expert.cpu() for l in ref.model.layers])

@@ -39,9 +39,9 @@ CONFIGS = {
 
 
 # --- checks run inside the ranks ---------------------------------------------------------------------
-def _forward_backward(name):
+def _forward_backward(name, padded=False):
     return lambda rank, world, workdir: eq.check_forward_backward(rank, world, CPU, torch.float32, CONFIGS[name],
-                                                                  seed=3, per_rank=2, seq=8)
+                                                                  seed=3, per_rank=2, seq=8, padded=padded)
 
 
 def _hf_model(seed: int = 5):
@@ -139,6 +139,7 @@ def _errors(rank, world, workdir):
 CHECKS = {
     "ep-gqa-top2-aux": _forward_backward("gqa-top2-aux"),
     "ep-mha-top1": _forward_backward("mha-top1"),
+    "ep-gqa-top2-aux-padded": _forward_backward("gqa-top2-aux", padded=True),
     "fsdp": lambda rank, world, workdir: eq.check_fsdp_step(
         rank, world, CPU, torch.float32, CONFIGS["gqa-top2-aux"], dp=2, seed=4),
     "fsdp-flat-dense": lambda rank, world, workdir: eq.check_fsdp_step(
@@ -151,8 +152,8 @@ CHECKS = {
     "errors": _errors,
 }
 WORLD_CHECKS = {
-    2: ["ep-gqa-top2-aux", "ep-mha-top1", "fsdp", "dcp", "save_final", "load_full", "errors"],
-    4: ["ep-gqa-top2-aux", "ep-mha-top1", "fsdp", "fsdp-flat-dense"],
+    2: ["ep-gqa-top2-aux", "ep-mha-top1", "ep-gqa-top2-aux-padded", "fsdp", "dcp", "save_final", "load_full", "errors"],
+    4: ["ep-gqa-top2-aux", "ep-mha-top1", "ep-gqa-top2-aux-padded", "fsdp", "fsdp-flat-dense"],
 }
 
 
@@ -198,6 +199,15 @@ def test_ep_matches_ep1_logits_loss_grads(world, config, tmp_path_factory):
         assert worst(per_rank, key) <= FP32_ATOL, (key, per_rank)
     assert worst(per_rank, "counts_mismatch") == 0, "gather_tokens_per_expert differs from the EP=1 counts"
     assert all(m["dtensor_expert_grads"] == 4 for m in per_rank), "expert grads must be DTensors (2 per layer)"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ep_router_loss_leaves_padding_out_over_the_group(world, tmp_path_factory):
+    """Left padding that differs per rank: the load-balancing statistics exclude it and are summed
+    over the EP group, so the EP loss and grads equal the unsharded model's (HF's convention)."""
+    per_rank = metrics(world, "ep-gqa-top2-aux-padded", tmp_path_factory)
+    for key in ("logits_abs", "loss_abs", "grads_abs"):
+        assert worst(per_rank, key) <= FP32_ATOL, (key, per_rank)
 
 
 @pytest.mark.parametrize("world", [2, 4], ids=["dp2-ep1", "dp2-ep2"])

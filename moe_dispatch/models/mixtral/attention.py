@@ -27,6 +27,8 @@ from torch import nn
 
 from moe_dispatch.experts import import_transformer_engine
 
+from .._cache import kv_positions
+
 __all__ = ["AttentionInputs", "NVMixtralAttention", "NVMixtralRotaryEmbedding", "NVMixtralRMSNorm",
            "apply_rotary_pos_emb", "rope_theta", "resolve_attn_backend", "packed_position_ids"]
 
@@ -225,8 +227,15 @@ class NVMixtralAttention(nn.Module):
         cos, sin = position_embeddings
         q_BhSD, k_BgSD = apply_rotary_pos_emb(q_BhSD, k_BgSD, cos, sin)
 
+        kv_len, kv_pos_C = kv_positions(past_key_values, self.layer_idx, seq, attention_inputs.past_length,
+                                        hidden_states.device)
         if past_key_values is not None:
             k_BgSD, v_BgSD = past_key_values.update(k_BgSD, v_BgSD, self.layer_idx)  # now [B, g, C, D]
+            if k_BgSD.shape[2] != kv_len:
+                raise RuntimeError(
+                    f"{type(past_key_values).__name__}.update returned {k_BgSD.shape[2]} keys for layer {self.layer_idx} "
+                    f"but get_mask_sizes announced {kv_len}: the transformers Cache API (get_mask_sizes(query_length, "
+                    f"layer_idx) -> (kv_length, kv_offset)) changed")
 
         # TE's fused core covers self-attention over exactly this forward's tokens (training,
         # prefill): no earlier cached tokens and no padding.
@@ -235,27 +244,29 @@ class NVMixtralAttention(nn.Module):
         if use_te:
             out_BSX = self._te_core(q_BhSD, k_BgSD, v_BgSD, attention_inputs)
         else:
-            out_BSX = self._sdpa_core(q_BhSD, k_BgSD, v_BgSD, attention_inputs)
+            out_BSX = self._sdpa_core(q_BhSD, k_BgSD, v_BgSD, attention_inputs, kv_pos_C)
         return self.o_proj(out_BSX)
 
     # --- cores: [B, h, S, D] q and [B, g, C, D] k, v -> [B, S, h*D] ------------------------------
-    def _sdpa_core(self, q, k, v, inputs: AttentionInputs) -> torch.Tensor:
+    def _sdpa_core(self, q, k, v, inputs: AttentionInputs, kv_pos: torch.Tensor) -> torch.Tensor:
         batch, _, seq, _ = q.shape
-        mask, is_causal = self._sdpa_mask(inputs, batch, seq, k.shape[2], q.device, q.dtype)
+        mask, is_causal = self._sdpa_mask(inputs, batch, seq, kv_pos, q.device, q.dtype)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scaling,
             dropout_p=self.attention_dropout if self.training else 0.0,
             enable_gqa=self.num_kv_heads != self.num_heads)
         return out.transpose(1, 2).reshape(batch, seq, -1)
 
-    def _sdpa_mask(self, inputs: AttentionInputs, batch, q_len, kv_len, device, dtype):
+    def _sdpa_mask(self, inputs: AttentionInputs, batch, q_len, kv_pos: torch.Tensor, device, dtype):
         """``(additive mask [B|1, 1, S, C] or None, is_causal)`` for SDPA.
 
-        Keys are the most recent ``C`` tokens (full and sliding-window caches both keep a
-        contiguous suffix): key ``j`` has cache index ``past + S - C + j``, query ``i`` index
-        ``past + i``. Fully masked rows (left padding) attend uniformly, as HF's eager mask.
+        Key ``j`` has token position ``kv_pos[j]`` (see :func:`moe_dispatch.models._cache.kv_positions`:
+        every transformers cache layer returns keys at consecutive positions from an offset;
+        a static cache's unwritten slots lie past the last query and stay causally masked),
+        query ``i`` position ``past + i``. Fully masked rows (left padding) attend uniformly,
+        as HF's eager mask.
         """
-        past, window = inputs.past_length, self.sliding_window
+        past, window, kv_len = inputs.past_length, self.sliding_window, kv_pos.numel()
         if inputs.cu_seqlens is not None:  # packed: block-diagonal causal
             pos = torch.arange(q_len, device=device)
             seq_id = torch.searchsorted(inputs.cu_seqlens[1:].long().to(device), pos, right=True)
@@ -268,13 +279,14 @@ class NVMixtralAttention(nn.Module):
                     and (window is None or window >= q_len)):
                 return None, True
             q_pos = past + torch.arange(q_len, device=device)
-            kv_pos = past + q_len - kv_len + torch.arange(kv_len, device=device)
             allowed = kv_pos[None, :] <= q_pos[:, None]
             if window is not None:
                 allowed &= kv_pos[None, :] > q_pos[:, None] - window
             allowed = allowed[None, None]
             if inputs.padding_mask is not None:
-                allowed = allowed & inputs.padding_mask[:, kv_pos][:, None, None, :]
+                # static-cache slots past the last token have no mask entry; causality hides them
+                last = inputs.padding_mask.shape[1] - 1
+                allowed = allowed & inputs.padding_mask[:, kv_pos.clamp(max=last)][:, None, None, :]
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
         return mask.masked_fill_(~allowed, torch.finfo(dtype).min), False
 

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from transformers import MixtralConfig
 
+from moe_dispatch.experts import ACTIVATIONS
+
 __all__ = ["NVMixtralConfig", "LAYER_PRECISIONS", "ATTN_INPUT_FORMATS", "SELF_ATTN_MASK_TYPES",
-           "EXPERT_BACKENDS", "PERMUTE_BACKENDS", "ATTN_BACKENDS", "NV_FIELDS"]
+           "EXPERT_BACKENDS", "PERMUTE_BACKENDS", "ATTN_BACKENDS", "MOE_AUX_LOSS_TYPES", "NV_FIELDS"]
 
 LAYER_PRECISIONS = ("fp8", "fp4", None)
 ATTN_INPUT_FORMATS = ("bshd", "thd")
@@ -12,10 +14,11 @@ SELF_ATTN_MASK_TYPES = ("causal", "padding_causal")
 EXPERT_BACKENDS = ("auto", "grouped_mm", "te", "loop", "fused")
 PERMUTE_BACKENDS = ("auto", "torch", "triton", "te")
 ATTN_BACKENDS = ("auto", "sdpa", "te")
+MOE_AUX_LOSS_TYPES = ("global", "per_layer")
 
 # Fields this class adds to MixtralConfig (dropped when converting back to a HF config).
 NV_FIELDS = ("expert_parallel_size", "layer_precision", "use_quantized_model_init", "attn_input_format",
-             "self_attn_mask_type", "moe_aux_loss_coeff", "expert_backend", "permute_backend", "attn_backend")
+             "self_attn_mask_type", "moe_aux_loss_coeff", "moe_aux_loss_type", "expert_backend", "permute_backend", "attn_backend")
 
 
 class NVMixtralConfig(MixtralConfig):
@@ -35,8 +38,12 @@ class NVMixtralConfig(MixtralConfig):
             ``input_ids [1, T]`` with ``cu_seq_lens_q`` / ``cu_seqlens`` in the forward kwargs).
         self_attn_mask_type: ``"causal"`` or ``"padding_causal"``; padding from an
             ``attention_mask`` is applied in both cases.
-        moe_aux_loss_coeff: scale of each layer's load-balancing loss (0: off); the scaled sum
-            over layers is added to the LM loss when labels are given.
+        moe_aux_loss_coeff: scale of the load-balancing loss, added to the LM loss when labels
+            are given. 0 (default): as HF Mixtral, the loss is on only with
+            ``output_router_logits``, scaled by ``router_aux_loss_coef``.
+        moe_aux_loss_type: ``"global"`` (default; HF's ``load_balancing_loss_func``: the router
+            statistics of all layers pooled into one loss) or ``"per_layer"`` (Megatron-Core:
+            one loss per layer, summed). See ``modeling.moe_aux_loss``.
         expert_backend: ``"auto" | "grouped_mm" | "te" | "loop" | "fused"`` (see ``moe_dispatch.experts``).
         permute_backend: ``"auto" | "torch" | "triton" | "te"`` for the default dispatcher.
         attn_backend: ``"auto" | "sdpa" | "te"``; auto takes TE's fused attention on CUDA when
@@ -58,6 +65,7 @@ class NVMixtralConfig(MixtralConfig):
     attn_input_format: str = "bshd"
     self_attn_mask_type: str = "causal"
     moe_aux_loss_coeff: float = 0.0
+    moe_aux_loss_type: str = "global"
     expert_backend: str = "auto"
     permute_backend: str = "auto"
     attn_backend: str = "auto"
@@ -85,7 +93,7 @@ class NVMixtralConfig(MixtralConfig):
                 raise ValueError(f"layer_precision entries must be in {LAYER_PRECISIONS}, got {bad[0]!r}")
         for name, allowed in (("attn_input_format", ATTN_INPUT_FORMATS), ("self_attn_mask_type", SELF_ATTN_MASK_TYPES),
                               ("expert_backend", EXPERT_BACKENDS), ("permute_backend", PERMUTE_BACKENDS),
-                              ("attn_backend", ATTN_BACKENDS)):
+                              ("attn_backend", ATTN_BACKENDS), ("moe_aux_loss_type", MOE_AUX_LOSS_TYPES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not isinstance(self.moe_aux_loss_coeff, (int, float)) or self.moe_aux_loss_coeff < 0:
@@ -95,8 +103,9 @@ class NVMixtralConfig(MixtralConfig):
         if self.num_experts_per_tok > self.num_local_experts:
             raise ValueError(
                 f"num_experts_per_tok ({self.num_experts_per_tok}) must be <= num_local_experts ({self.num_local_experts})")
-        if self.hidden_act != "silu":
-            raise ValueError(f"hidden_act must be 'silu' (SwiGLU experts), got {self.hidden_act!r}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act must be one of {sorted(ACTIVATIONS)} (the experts' gate activation), "
+                             f"got {self.hidden_act!r}")
 
     @property
     def num_experts_per_rank(self) -> int:

@@ -36,11 +36,13 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
 from moe_dispatch import AllToAllTokenDispatcher, TokenDispatcher, TopKRouter
+from moe_dispatch.routing import LoadStats, pool_load_stats
 from moe_dispatch.experts import SwiGLUExperts, import_transformer_engine
 from moe_dispatch.moe import MoELayer, MoEOutput
 
 from .attention import (AttentionInputs, NVMixtralAttention, NVMixtralRMSNorm, NVMixtralRotaryEmbedding,
                         packed_position_ids, resolve_attn_backend)
+from .._cache import CACHE_FIELD, cache_length, resolve_cache, with_cache
 from .config import NVMixtralConfig
 from .parallel import EPState, set_ep_groups, slice_full_expert_weights
 
@@ -120,7 +122,8 @@ class NVMixtralSparseMoeBlock(MoELayer):
                             normalization="renorm", jitter_noise=config.router_jitter_noise,
                             aux_loss_coeff=float(config.moe_aux_loss_coeff))
         experts = SwiGLUExperts(config.num_local_experts // config.expert_parallel_size, config.hidden_size,
-                                config.intermediate_size, backend=expert_backend or config.expert_backend)
+                                config.intermediate_size, backend=expert_backend or config.expert_backend,
+                                activation=config.hidden_act)
         super().__init__(router, experts, dispatcher if dispatcher is not None else default_dispatcher(config))
 
 
@@ -136,22 +139,58 @@ class NVMixtralDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = NVMixtralRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                attention_inputs: AttentionInputs, past_key_values=None) -> MoEOutput:
-        """``hidden_states [B, S, H]`` -> ``MoEOutput(hidden_states [B, S, H], aux_loss)``."""
+                attention_inputs: AttentionInputs, past_key_values=None, *, token_mask: torch.Tensor | None = None,
+                need_load_stats: bool = False) -> MoEOutput:
+        """``hidden_states [B, S, H]`` -> ``MoEOutput(hidden_states [B, S, H], aux_loss, router_logits, load_stats)``.
+
+        ``token_mask`` bool ``[B, S]`` (False: padding) keeps padding out of the router's load statistics.
+        """
         residual = hidden_states
         hidden_states = self.self_attn(self.input_layernorm(hidden_states), position_embeddings,
                                        attention_inputs, past_key_values)
         hidden_states = residual + hidden_states
-        moe = self.mlp(self.post_attention_layernorm(hidden_states))
-        return MoEOutput(hidden_states + moe.hidden_states, moe.aux_loss)
+        moe = self.mlp(self.post_attention_layernorm(hidden_states), token_mask, need_load_stats=need_load_stats)
+        return moe._replace(hidden_states=hidden_states + moe.hidden_states)
 
 
 @dataclass
 class NVMixtralModelOutput(MoeModelOutputWithPast):
-    """``MoeModelOutputWithPast`` plus ``aux_loss``: summed, already-scaled router losses
-    (None when ``moe_aux_loss_coeff == 0``)."""
+    """``MoeModelOutputWithPast`` plus ``aux_loss``: the already-scaled load-balancing loss
+    (see :func:`moe_aux_loss`; None when it is off). The cache field is ``cache`` on
+    transformers >= 5.24, ``past_key_values`` before."""
 
     aux_loss: torch.Tensor | None = None
+
+
+def moe_aux_loss_coefficient(config: NVMixtralConfig, output_router_logits: bool | None) -> float:
+    """The coefficient of the load-balancing loss in this forward (0: off).
+
+    ``config.moe_aux_loss_coeff`` when it is > 0; otherwise, as HF Mixtral does, the router loss
+    is on exactly when router logits are output (``output_router_logits`` of the call, else of
+    the config), scaled by ``config.router_aux_loss_coef``.
+    """
+    if config.moe_aux_loss_coeff > 0:
+        return float(config.moe_aux_loss_coeff)
+    wanted = config.output_router_logits if output_router_logits is None else output_router_logits
+    return float(getattr(config, "router_aux_loss_coef", 0.0)) if wanted else 0.0
+
+
+def moe_aux_loss(layer_stats: list[LoadStats], router: TopKRouter, coefficient: float, loss_type: str) -> torch.Tensor:
+    """The model's load-balancing loss from each MoE layer's router statistics.
+
+    - ``"global"`` (HF transformers' ``load_balancing_loss_func``): the statistics of all layers
+      are pooled, ``f_e`` and ``P_e`` taken over every (layer, token), and one loss computed:
+      ``coefficient * E * sum_e f_e * P_e``.
+    - ``"per_layer"`` (Megatron-Core): each layer's loss is computed on its own statistics and
+      the losses are summed, ``coefficient * sum_l E * sum_e f_le * P_le``.
+
+    ``f_e`` counts top-k assignments per token (``router.aux_loss_convention``, ``"switch"``
+    by default: ``f_e = count_e / T``; Megatron's ``count_e / (T * K)`` is K times smaller).
+    Padding tokens are left out and, with an EP group, the statistics are summed over it.
+    """
+    if loss_type == "global":
+        return coefficient * router.load_balancing_loss(pool_load_stats(layer_stats))
+    return coefficient * torch.stack([router.load_balancing_loss(stats) for stats in layer_stats]).sum()
 
 
 class NVMixtralPreTrainedModel(PreTrainedModel):
@@ -162,7 +201,7 @@ class NVMixtralPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["NVMixtralDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _supports_cache_class = True
     _keep_in_fp32_modules_strict = ["mlp.router"]
@@ -170,6 +209,12 @@ class NVMixtralPreTrainedModel(PreTrainedModel):
     # (or with other backends) neither needs nor has it.
     _keys_to_ignore_on_load_unexpected = [r"_extra_state$"]
     _keys_to_ignore_on_load_missing = [r"_extra_state$"]
+
+    def create_masks_for_generate(self, *args, attention_mask=None, **kwargs):
+        """``generate``'s hook for 4-D masks with compilable (static) caches: keep the 2-D
+        ``attention_mask``. The attention builds its own mask from it and the cache's key
+        positions (:mod:`moe_dispatch.models._cache`)."""
+        return attention_mask
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -261,24 +306,33 @@ class NVMixtralModel(NVMixtralPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        cache=None,
         **kwargs,
     ) -> NVMixtralModelOutput:
         """Run the decoder.
 
         Args:
             input_ids: int64 ``[B, S]`` (``[1, T]`` packed), or ``inputs_embeds [B, S, H]``.
-            attention_mask: ``[B, past + S]`` 1 = token, 0 = padding (left or right).
+            attention_mask: ``[B, past + S]`` 1 = token, 0 = padding (left or right). Padding
+                is also left out of the router load-balancing statistics (as HF does).
             position_ids: ``[B, S]``; default ``past + arange(S)`` (packed: restart per sequence).
-            past_key_values: a transformers ``Cache``; created when ``use_cache``.
+            past_key_values, cache: a transformers ``Cache`` (dynamic, sliding-window or static),
+                under either name (``cache`` is transformers >= 5.24's); created when
+                ``use_cache``. Returned under the installed transformers' name.
             use_cache: default ``config.use_cache``; ignored for packed input.
             output_hidden_states: also return the input of every layer and the final output.
+            output_router_logits: return each MoE layer's fp32 gate logits ``[B * S, E]``
+                (default ``config.output_router_logits``); also switches HF's router loss on
+                (see :func:`moe_aux_loss_coefficient`).
             kwargs: packed THD input (``config.attn_input_format == "thd"``): ``cu_seq_lens_q``
                 or ``cu_seqlens`` int32 ``[num_seqs + 1]``, optional ``max_length_q`` /
                 ``max_length``. Other HF kwargs are ignored.
 
         Returns:
-            ``NVMixtralModelOutput(last_hidden_state [B, S, H], past_key_values, hidden_states, aux_loss)``.
+            ``NVMixtralModelOutput(last_hidden_state [B, S, H], cache, hidden_states, router_logits, aux_loss)``.
         """
+        past_key_values = resolve_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if kwargs.get("output_attentions"):
@@ -289,6 +343,7 @@ class NVMixtralModel(NVMixtralPreTrainedModel):
 
         cu_seqlens = next((kwargs[k] for k in ("cu_seq_lens_q", "cu_seqlens") if kwargs.get(k) is not None), None)
         max_seqlen = next((kwargs[k] for k in ("max_length_q", "max_length") if kwargs.get(k) is not None), None)
+        token_mask = None
         if cu_seqlens is not None:
             attention_inputs = self._packed_inputs(cu_seqlens, max_seqlen, batch, attention_mask, past_key_values)
             past_key_values = None
@@ -298,33 +353,44 @@ class NVMixtralModel(NVMixtralPreTrainedModel):
             use_cache = self.config.use_cache if use_cache is None else use_cache
             if use_cache and past_key_values is None:
                 past_key_values = DynamicCache(config=self.config)
-            past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-            attention_inputs = AttentionInputs(padding_mask=self._padding_mask(attention_mask, batch, past_length + seq),
-                                               past_length=past_length)
+            past_length = cache_length(past_key_values)
+            padding_mask = self._padding_mask(attention_mask, batch, past_length + seq)
+            attention_inputs = AttentionInputs(padding_mask=padding_mask, past_length=past_length)
+            token_mask = None if padding_mask is None else padding_mask[:, -seq:]
             if position_ids is None:
                 position_ids = (torch.arange(seq, device=inputs_embeds.device) + past_length).unsqueeze(0)
 
+        output_router_logits = (self.config.output_router_logits if output_router_logits is None
+                                else output_router_logits)
+        aux_coefficient = moe_aux_loss_coefficient(self.config, output_router_logits)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         all_hidden_states = [] if output_hidden_states else None
-        aux_loss = None
+        router_logits, layer_stats = [], []
         for layer_idx, decoder_layer in enumerate(self.layers):
             if all_hidden_states is not None:
                 all_hidden_states.append(hidden_states)
             with self._layer_autocast(layer_idx):
-                hidden_states, layer_aux = decoder_layer(hidden_states, position_embeddings, attention_inputs,
-                                                         past_key_values=past_key_values)
-            aux_loss = layer_aux if aux_loss is None else aux_loss + layer_aux
+                layer_out = decoder_layer(hidden_states, position_embeddings, attention_inputs,
+                                          past_key_values=past_key_values, token_mask=token_mask,
+                                          need_load_stats=aux_coefficient > 0)
+            hidden_states = layer_out.hidden_states
+            router_logits.append(layer_out.router_logits)
+            layer_stats.append(layer_out.load_stats)
         hidden_states = self.norm(hidden_states)
         if all_hidden_states is not None:
             all_hidden_states.append(hidden_states)
 
-        return NVMixtralModelOutput(
+        aux_loss = None
+        if aux_coefficient > 0 and self.layers:
+            aux_loss = moe_aux_loss(layer_stats, self.layers[0].mlp.router, aux_coefficient,
+                                    self.config.moe_aux_loss_type)
+        return NVMixtralModelOutput(**with_cache(dict(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
             hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
-            aux_loss=aux_loss if self.config.moe_aux_loss_coeff > 0 else None,
-        )
+            router_logits=tuple(router_logits) if output_router_logits else None,
+            aux_loss=aux_loss,
+        ), past_key_values))
 
     def _packed_inputs(self, cu_seqlens, max_seqlen, batch, attention_mask, past_key_values) -> AttentionInputs:
         if self.config.attn_input_format != "thd":
@@ -405,12 +471,14 @@ class NVMixtralForCausalLM(NVMixtralPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        output_router_logits: bool | None = None,
+        cache=None,
         **kwargs,
     ) -> MoeCausalLMOutputWithPast:
         """Logits, and the loss when ``labels`` are given.
 
         Args:
-            input_ids ... use_cache: as :meth:`NVMixtralModel.forward`.
+            input_ids ... use_cache, output_router_logits, cache: as :meth:`NVMixtralModel.forward`.
             labels: int64 ``[B, S]`` (``[1, T]`` packed), -100 = ignored; shifted inside (HF).
             logits_to_keep: compute logits for the last this-many positions only (0: all), or
                 an index tensor of positions.
@@ -418,14 +486,14 @@ class NVMixtralForCausalLM(NVMixtralPreTrainedModel, GenerationMixin):
                 for the loss; ``return_dict=False`` gives a tuple.
 
         Returns:
-            ``MoeCausalLMOutputWithPast``: ``loss`` = HF causal-LM loss + ``aux_loss`` (summed
-            scaled router losses, None when ``moe_aux_loss_coeff == 0``), ``logits [B, S, V]``,
-            ``past_key_values``, ``hidden_states`` (with ``output_hidden_states=True``).
+            ``MoeCausalLMOutputWithPast``: ``loss`` = HF causal-LM loss + ``aux_loss`` (the scaled
+            load-balancing loss, see :func:`moe_aux_loss`; None when off), ``logits [B, S, V]``,
+            the cache (``cache`` / ``past_key_values``), ``hidden_states``, ``router_logits``.
         """
         return_dict = kwargs.pop("return_dict", None)
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                             **kwargs)
+                             past_key_values=resolve_cache(cache, past_key_values), inputs_embeds=inputs_embeds,
+                             use_cache=use_cache, output_router_logits=output_router_logits, **kwargs)
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):
             hidden_states = hidden_states[:, -logits_to_keep:, :] if logits_to_keep > 0 else hidden_states
@@ -440,9 +508,9 @@ class NVMixtralForCausalLM(NVMixtralPreTrainedModel, GenerationMixin):
             if outputs.aux_loss is not None:
                 loss = loss + outputs.aux_loss.to(loss.device)
 
-        output = MoeCausalLMOutputWithPast(loss=loss, aux_loss=outputs.aux_loss, logits=logits,
-                                           past_key_values=outputs.past_key_values,
-                                           hidden_states=outputs.hidden_states)
+        output = MoeCausalLMOutputWithPast(**with_cache(dict(
+            loss=loss, aux_loss=outputs.aux_loss, logits=logits, hidden_states=outputs.hidden_states,
+            router_logits=outputs.router_logits), outputs[CACHE_FIELD] if CACHE_FIELD in outputs else None))
         return output.to_tuple() if return_dict is False else output
 
 
