@@ -81,10 +81,11 @@ def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _gate_up_swiglu_kernel(
-    x_ptr, row_token_ptr, w_ptr, counts_ptr, h_ptr, gu_ptr,
+    x_ptr, row_token_ptr, w_ptr, counts_ptr, h_ptr, gu_ptr, x_desc, w_desc,
     R, H, I, L, num_pid_m,
     stride_xm, stride_we, stride_wn, stride_hm, stride_gum,
     GATHER: tl.constexpr, SAVE_GU: tl.constexpr, ZERO_PAD: tl.constexpr, EVEN_K: tl.constexpr,
+    A_TMA: tl.constexpr, B_TMA: tl.constexpr,
     DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
@@ -92,7 +93,12 @@ def _gate_up_swiglu_kernel(
 
     x: ``[*, H]``; w: ``[L, 2I, H]`` (gate rows, then up rows); h: ``[R, I]``; gu (SAVE_GU):
     ``[R, 2I]`` the pre-activations g | u for the backward. Each program loads the gate and the up
-    tile of the same output columns, so the SwiGLU needs no strided split."""
+    tile of the same output columns, so the SwiGLU needs no strided split.
+
+    A_TMA / B_TMA: x / w tiles through tensor descriptors (``x_desc`` over ``[R, H]`` with block
+    ``[BM, BK]``; ``w_desc`` over ``[L * 2I, H]`` with block ``[BN, BK]``). Rows a tile takes past
+    its expert (the next expert's rows) only reach output rows / columns that are masked off; the
+    reduction dimension H is the descriptors' last, zero-filled past its end."""
     pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, tl.cdiv(I, BN), GROUP_M)
     e, m0, row_end, total = _expert_of_block(counts_ptr, L, pid_m, BM, BLOCK_L)
     rm = m0 + tl.arange(0, BM)
@@ -110,14 +116,22 @@ def _gate_up_swiglu_kernel(
         u_ptrs = g_ptrs + I * stride_wn
         acc_g = tl.zeros((BM, BN), dtype=tl.float32)
         acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+        w_row = e * (2 * I) + pid_n * BN
         for k0 in range(0, H, BK):
-            if EVEN_K:
+            if A_TMA:
+                a = x_desc.load([m0, k0])
+            elif EVEN_K:
                 a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+            else:
+                a = tl.load(a_ptrs, mask=mask_m[:, None] & (rk[None, :] < H - k0), other=0.0)
+            if B_TMA:
+                bg = w_desc.load([w_row, k0]).T
+                bu = w_desc.load([w_row + I, k0]).T
+            elif EVEN_K:
                 bg = tl.load(g_ptrs, mask=mask_n[None, :], other=0.0)
                 bu = tl.load(u_ptrs, mask=mask_n[None, :], other=0.0)
             else:
                 kmask = rk < H - k0
-                a = tl.load(a_ptrs, mask=mask_m[:, None] & kmask[None, :], other=0.0)
                 bg = tl.load(g_ptrs, mask=kmask[:, None] & mask_n[None, :], other=0.0)
                 bu = tl.load(u_ptrs, mask=kmask[:, None] & mask_n[None, :], other=0.0)
             acc_g = tl.dot(a, bg, acc_g, input_precision=DOT_PREC)
@@ -142,11 +156,12 @@ def _gate_up_swiglu_kernel(
 
 @triton.jit
 def _rows_gemm_kernel(
-    a_ptr, row_token_ptr, b_ptr, counts_ptr, out_ptr, row_weight_ptr, gu_ptr, dwp_ptr,
-    R, N, K, L, num_pid_m,
+    a_ptr, row_token_ptr, b_ptr, counts_ptr, out_ptr, row_weight_ptr, gu_ptr, dwp_ptr, a_desc, b_desc,
+    R, N, K, L, num_pid_m, b_rows_per_expert,
     stride_am, stride_be, stride_bk, stride_bn, stride_om, stride_gum,
     A_GATHER: tl.constexpr, EPILOGUE: tl.constexpr, HAS_WEIGHT: tl.constexpr, ZERO_PAD: tl.constexpr,
-    EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr,
+    EVEN_K: tl.constexpr, A_TMA: tl.constexpr, B_TMA: tl.constexpr, B_K_MAJOR: tl.constexpr,
+    DOT_PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """``acc[r, n] = sum_k a[src(r), k] * b[e, k, n]`` (b through its strides), then by EPILOGUE:
@@ -158,7 +173,13 @@ def _rows_gemm_kernel(
       from the saved pre-activations ``gu [R, 2I]`` into ``out = dgu [R, 2I]``, and with
       HAS_WEIGHT the partial routing-weight grads ``dwp[pid_n, r] = sum_n acc * h`` (fp32).
 
-    A_GATHER: row r of a is ``row_token[r]``."""
+    A_GATHER: row r of a is ``row_token[r]``.
+
+    A_TMA: a tiles through ``a_desc`` (``[R, K]``, block ``[BM, BK]``). B_TMA: b tiles through
+    ``b_desc`` over b's 2-D view ``[L * b_rows_per_expert, cols]``: with B_K_MAJOR (k contiguous:
+    rows are n, block ``[BN, BK]``, loaded transposed) the reduction runs along the zero-filled
+    last dimension; otherwise (rows are k, block ``[BK, BN]``) the launcher guarantees
+    ``K % BK == 0`` so no tile reduces over the next expert's rows."""
     pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, tl.cdiv(N, BN), GROUP_M)
     e, m0, row_end, total = _expert_of_block(counts_ptr, L, pid_m, BM, BLOCK_L)
     rm = m0 + tl.arange(0, BM)
@@ -179,14 +200,23 @@ def _rows_gemm_kernel(
         a_ptrs = a_ptr + src[:, None] * stride_am + rk[None, :]
         b_ptrs = b_ptr + e.to(tl.int64) * stride_be + rk[:, None].to(tl.int64) * stride_bk + rn[None, :].to(tl.int64) * stride_bn
         acc = tl.zeros((BM, BN), dtype=tl.float32)
+        b_row = e * b_rows_per_expert
         for k0 in range(0, K, BK):
-            if EVEN_K:
+            if A_TMA:
+                a = a_desc.load([m0, k0])
+            elif EVEN_K:
                 a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+            else:
+                a = tl.load(a_ptrs, mask=mask_m[:, None] & (rk[None, :] < K - k0), other=0.0)
+            if B_TMA:
+                if B_K_MAJOR:
+                    b = b_desc.load([b_row + pid_n * BN, k0]).T
+                else:
+                    b = b_desc.load([b_row + k0, pid_n * BN])
+            elif EVEN_K:
                 b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
             else:
-                kmask = rk < K - k0
-                a = tl.load(a_ptrs, mask=mask_m[:, None] & kmask[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=kmask[:, None] & mask_n[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=(rk[:, None] < K - k0) & mask_n[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
             a_ptrs += BK
             b_ptrs += BK * stride_bk
@@ -279,9 +309,11 @@ class TileConfig:
     GROUP_M: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    tma: bool = False  # tiles through tensor descriptors (TMA on Hopper) where the layout allows
 
     def __str__(self) -> str:
-        return f"{self.BM}x{self.BN}x{self.BK} g{self.GROUP_M} w{self.num_warps} s{self.num_stages}"
+        tma = " tma" if self.tma else ""
+        return f"{self.BM}x{self.BN}x{self.BK} g{self.GROUP_M} w{self.num_warps} s{self.num_stages}{tma}"
 
 
 _C = TileConfig
@@ -289,12 +321,16 @@ _C = TileConfig
 # "large" for many (tensor-core bound). gate_up's BN is per half: its tile covers 2 * BN columns.
 _CANDIDATES: dict[str, dict[str, list[TileConfig]]] = {
     "gate_up": {
-        "large": [_C(128, 128, 64, 8, 8, 3), _C(128, 64, 64, 8, 4, 4), _C(64, 128, 64, 8, 4, 4)],
-        "small": [_C(64, 64, 128, 8, 4, 4), _C(32, 64, 128, 8, 4, 4), _C(64, 128, 64, 8, 4, 3)],
+        "large": [_C(128, 128, 64, 8, 8, 3), _C(128, 128, 64, 8, 8, 3, True), _C(128, 64, 64, 8, 4, 4),
+                  _C(64, 128, 64, 8, 4, 4)],
+        "small": [_C(64, 64, 128, 8, 4, 4), _C(64, 64, 128, 8, 4, 4, True), _C(32, 64, 128, 8, 4, 4),
+                  _C(64, 128, 64, 8, 4, 3)],
     },
     "rows": {
-        "large": [_C(128, 256, 64, 8, 8, 3), _C(128, 128, 64, 8, 4, 4), _C(128, 128, 64, 8, 8, 4)],
-        "small": [_C(64, 128, 64, 8, 4, 4), _C(32, 128, 128, 8, 4, 4), _C(64, 256, 64, 8, 8, 3)],
+        "large": [_C(128, 256, 64, 8, 8, 3), _C(128, 256, 64, 8, 8, 3, True), _C(128, 128, 64, 8, 4, 4),
+                  _C(128, 128, 64, 8, 8, 4)],
+        "small": [_C(64, 128, 64, 8, 4, 4), _C(64, 128, 64, 8, 4, 4, True), _C(32, 128, 128, 8, 4, 4),
+                  _C(64, 256, 64, 8, 8, 3)],
     },
     "wgrad": {
         "large": [_C(128, 256, 64, 8, 8, 3), _C(128, 128, 64, 8, 8, 4), _C(128, 128, 64, 8, 4, 4)],
@@ -408,6 +444,22 @@ def _num_row_blocks(rows: int, experts: int, bm: int) -> int:
     return triton.cdiv(rows, bm) + experts + 1
 
 
+def _tma_ok(t: torch.Tensor) -> bool:
+    """Whether a tensor descriptor can cover ``t`` as a row-major 2-D view (16-byte aligned base
+    and rows) and this Triton has host-side descriptors."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401  (Triton >= 3.4)
+    except ImportError:
+        return False
+    return t.is_contiguous() and t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0
+
+
+def _descriptor(t2d: torch.Tensor, block: list[int]):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(t2d, block)
+
+
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
@@ -434,13 +486,17 @@ def gate_up_swiglu(
 
     def launch(cfg: TileConfig, h_out=h, gu_out=gu) -> None:
         npm = _num_row_blocks(num_rows, L, cfg.BM)
+        a_tma = cfg.tma and row_token is None and _tma_ok(x)
+        b_tma = cfg.tma and _tma_ok(w_gate_up)
         _gate_up_swiglu_kernel[(npm * triton.cdiv(I, cfg.BN),)](
             x, row_token if row_token is not None else counts, w_gate_up, counts, h_out,
             gu_out if gu_out is not None else h_out,
+            _descriptor(x, [cfg.BM, cfg.BK]) if a_tma else None,
+            _descriptor(w_gate_up.view(-1, H), [cfg.BN, cfg.BK]) if b_tma else None,
             num_rows, H, I, L, npm, x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), h_out.stride(0),
             gu_out.stride(0) if gu_out is not None else 0,
             GATHER=row_token is not None, SAVE_GU=gu_out is not None, ZERO_PAD=zero_pad,
-            EVEN_K=H % cfg.BK == 0, DOT_PREC=_dot_precision(x.dtype), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
+            EVEN_K=H % cfg.BK == 0, A_TMA=a_tma, B_TMA=b_tma, DOT_PREC=_dot_precision(x.dtype), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
             GROUP_M=cfg.GROUP_M, BLOCK_L=_block_l(L), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if config is None:
@@ -478,6 +534,13 @@ def rows_gemm(
     L = counts.shape[0]
     K = a.shape[1]
     want_dw = epilogue == EPI_SWIGLU_BWD and row_weight is not None
+    # Tensor descriptors need b to be a contiguous [L, rows, cols] tensor read along its rows
+    # (B_K_MAJOR: rows are n, k contiguous) or columns (rows are k).
+    b_k_major = b_strides[1] == 1
+    b_tma_layout = None
+    if b.dim() == 3 and _tma_ok(b) and b_strides[0] == b.shape[1] * b.shape[2] and (
+            (b_k_major and b_strides[2] == b.shape[2]) or (b_strides[2] == 1 and b_strides[1] == b.shape[2])):
+        b_tma_layout = b.view(-1, b.shape[2])
     if num_rows == 0 or n == 0:
         if epilogue == EPI_STORE and zero_pad:
             out.zero_()
@@ -490,15 +553,20 @@ def rows_gemm(
         num_pid_n = triton.cdiv(n, cfg.BN)
         dwp = torch.empty(num_pid_n, num_rows, device=a.device, dtype=torch.float32) if want_dw else None
         dummy = counts
+        a_tma = cfg.tma and not a_gather and _tma_ok(a)
+        b_tma = cfg.tma and b_tma_layout is not None and (b_k_major or K % cfg.BK == 0)
+        b_block = [cfg.BN, cfg.BK] if b_k_major else [cfg.BK, cfg.BN]
         _rows_gemm_kernel[(npm * num_pid_n,)](
             a, row_token if row_token is not None else dummy, b, counts, out_t,
             row_weight if row_weight is not None else dummy, gate_up if gate_up is not None else dummy,
             dwp if dwp is not None else dummy,
-            num_rows, n, K, L, npm, a.stride(0), b_strides[0], b_strides[1], b_strides[2], out_t.stride(0),
+            _descriptor(a, [cfg.BM, cfg.BK]) if a_tma else None,
+            _descriptor(b_tma_layout, b_block) if b_tma else None,
+            num_rows, n, K, L, npm, b.shape[1], a.stride(0), b_strides[0], b_strides[1], b_strides[2], out_t.stride(0),
             gate_up.stride(0) if gate_up is not None else 0,
             A_GATHER=a_gather, EPILOGUE=epilogue, HAS_WEIGHT=row_weight is not None,
             ZERO_PAD=zero_pad and epilogue == EPI_STORE,
-            EVEN_K=K % cfg.BK == 0, DOT_PREC=_dot_precision(a.dtype), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
+            EVEN_K=K % cfg.BK == 0, A_TMA=a_tma, B_TMA=b_tma, B_K_MAJOR=b_k_major, DOT_PREC=_dot_precision(a.dtype), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
             GROUP_M=cfg.GROUP_M, BLOCK_L=_block_l(L), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return dwp
 
