@@ -271,6 +271,20 @@ class SwiGLUExperts(nn.Module):
             return self._forward_te(expert_input, counts)
         return self._forward_loop(expert_input, counts)
 
+    def forward_tokens(self, hidden_states: torch.Tensor, selected_experts: torch.Tensor,
+                       routing_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Tokens to combined tokens in one pass on one rank, for the ``"fused"`` backend (rows read
+        through the routing index in the first GEMM, ``w * y`` added into the token rows in the
+        last): ``(out [N, H] in hidden_states' dtype, tokens_per_expert int64 [L])``. None for the
+        other backends (use a dispatcher). ``selected_experts`` int ``[N, K]`` in ``[-1, L)``,
+        ``routing_weights`` ``[N, K]``: see :func:`moe_dispatch.experts_fused.fused_moe_experts`."""
+        if self.backend != "fused":
+            return None
+        from .experts_fused import fused_moe_experts  # lazy: imports triton
+        return fused_moe_experts(hidden_states, selected_experts, routing_weights,
+                                 _local_weight(self.experts_gate_up_weight), _local_weight(self.experts_down_weight),
+                                 return_counts=True)
+
     # --- backends ---------------------------------------------------------------------------------
     def _forward_grouped_mm(self, x_RH: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         if x_RH.shape[0] == 0:

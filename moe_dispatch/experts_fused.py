@@ -229,8 +229,8 @@ def routing_rows(selected_experts_NK: torch.Tensor, routing_weights_NK: torch.Te
 def fused_moe_experts(
     x_NH: torch.Tensor, selected_experts_NK: torch.Tensor, routing_weights_NK: torch.Tensor,
     w_gate_up: torch.Tensor, w_down: torch.Tensor, *, gather: bool = True, scatter: bool = True,
-    check_ids: bool = True,
-) -> torch.Tensor:
+    check_ids: bool = True, return_counts: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Single-GPU / EP=1 MoE experts from tokens to combined tokens, differentiable (w.r.t. tokens,
     both weights and the routing weights).
 
@@ -247,9 +247,10 @@ def fused_moe_experts(
             False writes ``y [S, H]`` and combines with ``index_add``.
         check_ids: check the expert ids on the host (one sync); False for ids known valid
             (a router's output).
+        return_counts: also return the rows per expert (int64 ``[L]``).
 
     Returns:
-        ``[N, H]`` in x's dtype.
+        ``[N, H]`` in x's dtype (and ``counts [L]`` with ``return_counts``).
 
     Raises:
         ValueError / TypeError on bad shapes, dtypes or (``check_ids``) expert ids.
@@ -278,8 +279,7 @@ def fused_moe_experts(
     save = _needs_save(x_NH, w_gate_up, w_down, row_weight)
     out, _, _ = _fused_experts_fwd(x_in, counts, w_gate_up, w_down, row_token, row_weight, S, N, gather, scatter,
                                    save)
-    if scatter:
-        return out
-    combined = torch.zeros(N, x_NH.shape[1], device=x_NH.device, dtype=torch.float32)
-    combined = combined.index_add(0, row_token.long(), out.float() * row_weight[:, None])
-    return combined.to(x_NH.dtype)
+    if not scatter:
+        combined = torch.zeros(N, x_NH.shape[1], device=x_NH.device, dtype=torch.float32)
+        out = combined.index_add(0, row_token.long(), out.float() * row_weight[:, None]).to(x_NH.dtype)
+    return (out, counts) if return_counts else out

@@ -360,3 +360,30 @@ def test_tensor_descriptor_path_vs_reference(monkeypatch, gather_scatter):
     for g, w in zip(_grads(out, inputs, grad_out), _grads(ref, inputs, grad_out)):
         assert rel_err(g, w) < FP32_TOL
     assert len(used) >= 4
+
+
+def test_moe_layer_single_rank_fused_path_matches_loop_layer():
+    """At EP=1 the layer hands tokens and routing straight to the fused experts (no dispatcher
+    permute / combine): same output, same grads, same load statistics as the loop backend."""
+    from moe_dispatch import AllToAllTokenDispatcher, MoELayer, TopKRouter
+
+    torch.manual_seed(9)
+    H, I, E, K = 16, 24, 4, 2
+    layers = {}
+    for backend in ("fused", "loop"):
+        layers[backend] = MoELayer(TopKRouter(H, E, K), SwiGLUExperts(E, H, I, backend=backend),
+                                   AllToAllTokenDispatcher(E, E, H, permute_backend="torch"))
+    layers["loop"].experts.reset_parameters(0.3)
+    layers["fused"].load_state_dict(layers["loop"].state_dict())
+    layers["fused"].dispatcher.dispatch = lambda *args: pytest.fail("the fused path must not dispatch")
+    x = torch.randn(2, 5, H)
+    outs = {}
+    for backend, layer in layers.items():
+        xb = x.clone().requires_grad_()
+        out = layer(xb).hidden_states
+        grads = torch.autograd.grad(out, (xb, layer.experts.experts_gate_up_weight, layer.router.gate.weight),
+                                    torch.ones_like(out))
+        outs[backend] = (out,) + grads
+    for got, want in zip(outs["fused"], outs["loop"]):
+        assert rel_err(got, want) < FP32_TOL
+    assert torch.equal(layers["fused"].last_tokens_per_expert, layers["loop"].last_tokens_per_expert)
