@@ -80,6 +80,29 @@ def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _load_a(desc, ptrs, mask_m, rk, m0, k0, K, A_TMA: tl.constexpr, EVEN_K: tl.constexpr):
+    """An A tile ``[BM, BK]`` at rows m0.., columns k0..: through ``desc`` (A_TMA), else by
+    pointers (rows masked, columns masked unless EVEN_K)."""
+    if A_TMA:
+        tile = desc.load([m0, k0])
+    elif EVEN_K:
+        tile = tl.load(ptrs, mask=mask_m[:, None], other=0.0)
+    else:
+        tile = tl.load(ptrs, mask=mask_m[:, None] & (rk[None, :] < K - k0), other=0.0)
+    return tile
+
+
+@triton.jit
+def _load_b(ptrs, mask_n, rk, k0, K, EVEN_K: tl.constexpr):
+    """A B tile ``[BK, BN]`` (columns masked, rows from k0 masked unless EVEN_K)."""
+    if EVEN_K:
+        tile = tl.load(ptrs, mask=mask_n[None, :], other=0.0)
+    else:
+        tile = tl.load(ptrs, mask=(rk[:, None] < K - k0) & mask_n[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
 def _gate_up_swiglu_kernel(
     x_ptr, row_token_ptr, w_ptr, counts_ptr, h_ptr, gu_ptr, x_desc, w_desc,
     R, H, I, L, num_pid_m,
@@ -118,22 +141,13 @@ def _gate_up_swiglu_kernel(
         acc_u = tl.zeros((BM, BN), dtype=tl.float32)
         w_row = e * (2 * I) + pid_n * BN
         for k0 in range(0, H, BK):
-            if A_TMA:
-                a = x_desc.load([m0, k0])
-            elif EVEN_K:
-                a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
-            else:
-                a = tl.load(a_ptrs, mask=mask_m[:, None] & (rk[None, :] < H - k0), other=0.0)
+            a = _load_a(x_desc, a_ptrs, mask_m, rk, m0, k0, H, A_TMA, EVEN_K)
             if B_TMA:
                 bg = w_desc.load([w_row, k0]).T
                 bu = w_desc.load([w_row + I, k0]).T
-            elif EVEN_K:
-                bg = tl.load(g_ptrs, mask=mask_n[None, :], other=0.0)
-                bu = tl.load(u_ptrs, mask=mask_n[None, :], other=0.0)
             else:
-                kmask = rk < H - k0
-                bg = tl.load(g_ptrs, mask=kmask[:, None] & mask_n[None, :], other=0.0)
-                bu = tl.load(u_ptrs, mask=kmask[:, None] & mask_n[None, :], other=0.0)
+                bg = _load_b(g_ptrs, mask_n, rk, k0, H, EVEN_K)
+                bu = _load_b(u_ptrs, mask_n, rk, k0, H, EVEN_K)
             acc_g = tl.dot(a, bg, acc_g, input_precision=DOT_PREC)
             acc_u = tl.dot(a, bu, acc_u, input_precision=DOT_PREC)
             a_ptrs += BK
@@ -202,21 +216,14 @@ def _rows_gemm_kernel(
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         b_row = e * b_rows_per_expert
         for k0 in range(0, K, BK):
-            if A_TMA:
-                a = a_desc.load([m0, k0])
-            elif EVEN_K:
-                a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
-            else:
-                a = tl.load(a_ptrs, mask=mask_m[:, None] & (rk[None, :] < K - k0), other=0.0)
+            a = _load_a(a_desc, a_ptrs, mask_m, rk, m0, k0, K, A_TMA, EVEN_K)
             if B_TMA:
                 if B_K_MAJOR:
                     b = b_desc.load([b_row + pid_n * BN, k0]).T
                 else:
                     b = b_desc.load([b_row + k0, pid_n * BN])
-            elif EVEN_K:
-                b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
             else:
-                b = tl.load(b_ptrs, mask=(rk[:, None] < K - k0) & mask_n[None, :], other=0.0)
+                b = _load_b(b_ptrs, mask_n, rk, k0, K, EVEN_K)
             acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
             a_ptrs += BK
             b_ptrs += BK * stride_bk
