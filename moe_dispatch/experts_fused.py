@@ -92,11 +92,13 @@ def _fused_experts_bwd(
     I = two_i // 2
     dout = dout.contiguous()
     dgu = torch.empty(num_rows, two_i, device=x.device, dtype=x.dtype)
+    # Gathered rows are copied once here ([R, H] each, a few % of the GEMMs' time): the GEMMs on
+    # plain rows are the fastest ones (and torch._grouped_mm can be a candidate for them).
+    dout_rows = dout.index_select(0, row_token) if scatter else dout
     # dH = dY Wd_e (B element (e, k over H, n over I)), SwiGLU backward fused -> dGU [R, 2I]
     d_row_weight = kernels.rows_gemm(
-        dout, counts, w_down, (w_down.stride(0), w_down.stride(1), w_down.stride(2)), I, dgu, num_rows,
-        epilogue=kernels.EPI_SWIGLU_BWD, row_token=row_token if scatter else None, a_gather=scatter,
-        row_weight=row_weight if scatter else None, gate_up=gu)
+        dout_rows, counts, w_down, (w_down.stride(0), w_down.stride(1), w_down.stride(2)), I, dgu, num_rows,
+        epilogue=kernels.EPI_SWIGLU_BWD, row_weight=row_weight if scatter else None, gate_up=gu)
     # dX = dGU Wgu_e (B element (e, k over 2I, n over H))
     gu_strides = (w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2))
     if gather:
@@ -108,11 +110,10 @@ def _fused_experts_bwd(
         dx = torch.empty_like(x)
         kernels.rows_gemm(dgu, counts, w_gate_up, gu_strides, H, dx, num_rows)
     # dWgu_e = dGU_e^T X_e ; dWd_e = dY_e^T H_e (dY = w * dout[tok] when scattered)
-    dw_gate_up = torch.empty_like(w_gate_up)
-    kernels.expert_weight_grad(dgu, x, counts, dw_gate_up, num_rows, b_token=row_token if gather else None)
-    dw_down = torch.empty_like(w_down)
-    kernels.expert_weight_grad(dout, h, counts, dw_down, num_rows, a_token=row_token if scatter else None,
-                               a_weight=row_weight if scatter else None)
+    x_rows = x.index_select(0, row_token) if gather else x
+    dw_gate_up = kernels.expert_weight_grad(dgu, x_rows, counts, num_rows)
+    dy_rows = (dout_rows.float() * row_weight[:, None]).to(x.dtype) if scatter else dout
+    dw_down = kernels.expert_weight_grad(dy_rows, h, counts, num_rows)
     if d_row_weight is None:
         d_row_weight = x.new_empty(0, dtype=torch.float32)
     return dx, dw_gate_up, dw_down, d_row_weight

@@ -387,3 +387,64 @@ def test_moe_layer_single_rank_fused_path_matches_loop_layer():
     for got, want in zip(outs["fused"], outs["loop"]):
         assert rel_err(got, want) < FP32_TOL
     assert torch.equal(layers["fused"].last_tokens_per_expert, layers["loop"].last_tokens_per_expert)
+
+
+@pytest.mark.parametrize("gather_scatter", [True, False])
+def test_grouped_mm_candidates_vs_reference(monkeypatch, gather_scatter):
+    """The torch._grouped_mm candidates of the autotune (dH GEMM + the SwiGLU backward alone, and
+    the weight grads), with empty experts and padding rows: the same results."""
+    from moe_dispatch.kernels import grouped_gemm as gg
+
+    gmm = gg.TileConfig(16, 16, 16, 2, 1, 1, impl="grouped_mm")
+    monkeypatch.setattr(gg, "_INTERPRET_CONFIG", {k: gmm for k in gg._INTERPRET_CONFIG})
+    calls = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    gen = torch.Generator().manual_seed(10)
+    L, H, I = 4, 40, 24
+    wgu, wd = _weights(L, H, I, gen)
+    if gather_scatter:
+        n, k = 9, 2
+        x = torch.randn(n, H, generator=gen).requires_grad_()
+        sel = _routing(n, k, L, "drops", gen) % 3  # expert 3 empty
+        rw = torch.rand(n, k, generator=gen).requires_grad_()
+        out = fused_moe_experts(x, sel, rw, wgu, wd)
+        ref = _dense_tokens(x, sel, rw, wgu, wd)
+        inputs = (x, wgu, wd, rw)
+    else:
+        counts = [5, 0, 9, 0]
+        x = torch.randn(17, H, generator=gen).requires_grad_()
+        out = fused_swiglu_experts(x, torch.tensor(counts), wgu, wd)
+        ref = _loop_rows(x, counts, wgu, wd)
+        inputs = (x, wgu, wd)
+    grad_out = torch.randn_like(ref)
+    for g, w in zip(_grads(out, inputs, grad_out), _grads(ref, inputs, grad_out)):
+        assert rel_err(g, w) < FP32_TOL
+    assert len(calls) == 3  # dH, dW_gate_up, dW_down
+
+
+@pytest.mark.gpu
+def test_gpu_empty_experts_and_padding_bf16_vs_fp32_loop():
+    """Empty experts and padding rows on the GPU, whichever candidates the autotune picks
+    (torch._grouped_mm ones included)."""
+    H, I = 1024, 512
+    counts = [2048, 0, 1500, 0, 3000, 700, 0, 1000]
+    R = sum(counts) + 100
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    x = torch.randn(R, H, device="cuda", generator=gen)
+    wgu = torch.randn(len(counts), 2 * I, H, device="cuda", generator=gen) * 0.03
+    wd = torch.randn(len(counts), H, I, device="cuda", generator=gen) * 0.03
+    grad_out = torch.randn(R, H, device="cuda", generator=gen)
+    tpe = torch.tensor(counts, device="cuda")
+    results = []
+    for dtype, fn in ((torch.float32, lambda *t: _loop_rows(t[0], counts, *t[1:])),
+                      (torch.bfloat16, lambda *t: fused_swiglu_experts(t[0], tpe, *t[1:]))):
+        ins = [t.to(dtype).requires_grad_() for t in (x, wgu, wd)]
+        out = fn(*ins)
+        results.append([out.float()] + [g.float() for g in torch.autograd.grad(out, ins, grad_out.to(dtype))])
+    for name, g, w in zip(("out", "x", "w_gate_up", "w_down"), results[1], results[0]):
+        err = rel_err(g, w)
+        print(f"awkward {name}: rel err {err:.2e}")
+        assert err < BF16_TOL, name
+    assert torch.equal(results[1][0][sum(counts):], torch.zeros(100, H, device="cuda"))
+    assert torch.equal(results[1][2][1], torch.zeros(2 * I, H, device="cuda"))  # empty expert: zero grad

@@ -103,6 +103,43 @@ def _load_b(ptrs, mask_n, rk, k0, K, EVEN_K: tl.constexpr):
 
 
 @triton.jit
+def _swiglu_bwd(acc, gu, dgu, N, mask, w, dwp, mask_rows, HAS_WEIGHT: tl.constexpr):
+    """SwiGLU backward of one tile. ``acc`` fp32 ``[BM, BN]``: dout . Wd (unweighted); ``gu`` /
+    ``dgu``: pointer tiles of the gate columns (the up columns at + N); ``w`` ``[BM]`` routing
+    weights and ``dwp`` ``[BM]`` pointers of the partial routing-weight grads (HAS_WEIGHT)."""
+    g = tl.load(gu, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu + N, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(g)
+    silu = g * sig
+    if HAS_WEIGHT:
+        tl.store(dwp, tl.sum(acc * silu * u, 1), mask=mask_rows)
+        acc = acc * w[:, None]
+    tl.store(dgu, (acc * u * (sig + silu * (1.0 - sig))).to(dgu.dtype.element_ty), mask=mask)
+    tl.store(dgu + N, (acc * silu).to(dgu.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(
+    dh_ptr, gu_ptr, counts_ptr, row_weight_ptr, dgu_ptr, dwp_ptr, R, N, L, stride_dh, stride_gu, stride_dgu,
+    HAS_WEIGHT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """The SwiGLU backward alone, after a dH GEMM done elsewhere (``dh [R, N]``, rows past
+    ``sum(counts)`` ignored): writes ``dgu [R, 2N]`` (valid rows) and ``dwp [cdiv(N, BN), R]``."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    ev = tl.arange(0, BLOCK_L)
+    total = tl.sum(tl.load(counts_ptr + ev, mask=ev < L, other=0).to(tl.int32), 0)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rm64 = rm.to(tl.int64)
+    valid = rm < total
+    mask = valid[:, None] & (rn[None, :] < N)
+    acc = tl.load(dh_ptr + rm64[:, None] * stride_dh + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(row_weight_ptr + rm, mask=valid, other=0.0).to(tl.float32) if HAS_WEIGHT else None
+    _swiglu_bwd(acc, gu_ptr + rm64[:, None] * stride_gu + rn[None, :], dgu_ptr + rm64[:, None] * stride_dgu + rn[None, :],
+                N, mask, w, dwp_ptr + pid_n.to(tl.int64) * R + rm64, rm < R, HAS_WEIGHT)
+
+
+@triton.jit
 def _gate_up_swiglu_kernel(
     x_ptr, row_token_ptr, w_ptr, counts_ptr, h_ptr, gu_ptr, x_desc, w_desc,
     R, H, I, L, num_pid_m,
@@ -237,19 +274,9 @@ def _rows_gemm_kernel(
                 acc = acc * w[:, None]
             tl.atomic_add(out_ptr + tok[:, None] * stride_om + rn[None, :], acc, mask=out_mask, sem="relaxed")
         else:
-            gu = gu_ptr + rm64[:, None] * stride_gum + rn[None, :]
-            g = tl.load(gu, mask=out_mask, other=0.0).to(tl.float32)
-            u = tl.load(gu + N, mask=out_mask, other=0.0).to(tl.float32)
-            sig = tl.sigmoid(g)
-            silu = g * sig
-            if HAS_WEIGHT:
-                tl.store(dwp_ptr + pid_n.to(tl.int64) * R + rm64, tl.sum(acc * silu * u, 1), mask=mask_m)
-                acc = acc * w[:, None]
-            dg = acc * u * (sig + silu * (1.0 - sig))
-            du = acc * silu
-            dgu = out_ptr + rm64[:, None] * stride_om + rn[None, :]
-            tl.store(dgu, dg.to(out_ptr.dtype.element_ty), mask=out_mask)
-            tl.store(dgu + N, du.to(out_ptr.dtype.element_ty), mask=out_mask)
+            _swiglu_bwd(acc, gu_ptr + rm64[:, None] * stride_gum + rn[None, :],
+                        out_ptr + rm64[:, None] * stride_om + rn[None, :], N, out_mask,
+                        w if HAS_WEIGHT else None, dwp_ptr + pid_n.to(tl.int64) * R + rm64, mask_m, HAS_WEIGHT)
     else:
         if ZERO_PAD:  # EPI_STORE only: out is row-aligned with a
             tl.store(out_ptr + rm64[:, None] * stride_om + rn[None, :],
@@ -317,8 +344,11 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 3
     tma: bool = False  # tiles through tensor descriptors (TMA on Hopper) where the layout allows
+    impl: str = "triton"  # or "grouped_mm": torch._grouped_mm (block fields unused)
 
     def __str__(self) -> str:
+        if self.impl != "triton":
+            return f"torch._{self.impl}"
         tma = " tma" if self.tma else ""
         return f"{self.BM}x{self.BN}x{self.BK} g{self.GROUP_M} w{self.num_warps} s{self.num_stages}{tma}"
 
@@ -358,12 +388,14 @@ def _rows_bucket(rows: int, experts: int) -> int:
     return min(1 << (mean - 1).bit_length(), 1 << 16)
 
 
-def tile_config(kind: str, key: tuple, bucket: int, launch: Callable[[TileConfig], None], flops: float = 0.0) -> TileConfig:
+def tile_config(kind: str, key: tuple, bucket: int, launch: Callable[[TileConfig], None], flops: float = 0.0,
+                extra: tuple[TileConfig, ...] = ()) -> TileConfig:
     """The cached best config of kernel ``kind`` for ``key`` (sizes, dtype, flags) and rows bucket.
 
     On a miss, times every candidate (``launch(cfg)`` must run the kernel on scratch outputs)
     and keeps the fastest (``flops`` of one launch goes into the log); configs that fail to
-    compile (too much shared memory) are skipped.
+    compile (too much shared memory) are skipped. ``extra``: more candidates (e.g. the
+    ``torch._grouped_mm`` implementation where it can run).
     Env: ``MOE_FUSED_TILE`` = ``BMxBNxBK`` forces a config (with GROUP_M 8, 8 warps, 3 stages);
     ``MOE_FUSED_TUNE=0`` takes the bucket's first candidate untimed; ``MOE_FUSED_TUNE_CACHE`` =
     a JSON file the tuned configs are read from and written to (shared across processes)."""
@@ -379,7 +411,7 @@ def tile_config(kind: str, key: tuple, bucket: int, launch: Callable[[TileConfig
     if cfg is not None:
         return cfg
     lists = _CANDIDATES[kind]
-    candidates = lists["small" if bucket <= _SMALL_ROWS else "large"]
+    candidates = lists["small" if bucket <= _SMALL_ROWS else "large"] + list(extra)
     if os.environ.get("MOE_FUSED_TUNE", "1") == "0":  # no timing: the first (default) candidate
         return candidates[0]
     timings = {}
@@ -451,6 +483,36 @@ def _num_row_blocks(rows: int, experts: int, bm: int) -> int:
     return triton.cdiv(rows, bm) + experts + 1
 
 
+_GROUPED_MM = TileConfig(128, 128, 64, 8, 8, 3, impl="grouped_mm")
+
+
+def _once(make: Callable[[], object]) -> Callable[[], object]:
+    """``make()`` on the first call, the same object after: scratch outputs exist only on a miss."""
+    box: list = []
+
+    def get():
+        if not box:
+            box.append(make())
+        return box[0]
+    return get
+
+
+def _grouped_mm_ok(*tensors: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` can take these row-major operands (CUDA: bf16 on sm90+; the
+    CPU implementation is used by the tests); rows must be 16-byte multiples."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    t0 = tensors[0]
+    if t0.device.type == "cuda" and (t0.dtype != torch.bfloat16 or torch.cuda.get_device_capability(t0.device) < (9, 0)):
+        return False
+    return all(t.dtype == t0.dtype and (t.shape[-1] * t.element_size()) % 16 == 0 and t.stride(-1) == 1
+               for t in tensors)
+
+
+def _offsets(counts: torch.Tensor) -> torch.Tensor:
+    return torch.cumsum(counts, 0, dtype=torch.int32)  # end row of each expert, no sync
+
+
 def _tma_ok(t: torch.Tensor) -> bool:
     """Whether a tensor descriptor can cover ``t`` as a row-major 2-D view (16-byte aligned base
     and rows) and this Triton has host-side descriptors."""
@@ -507,9 +569,9 @@ def gate_up_swiglu(
             GROUP_M=cfg.GROUP_M, BLOCK_L=_block_l(L), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if config is None:
-        scratch = (torch.empty_like(h), None if gu is None else torch.empty_like(gu))
+        scratch = _once(lambda: (torch.empty_like(h), None if gu is None else torch.empty_like(gu)))
         config = tile_config("gate_up", (H, I, str(x.dtype), row_token is not None, save_gate_up),
-                             _rows_bucket(num_rows, L), lambda c: launch(c, *scratch),
+                             _rows_bucket(num_rows, L), lambda c: launch(c, *scratch()),
                              flops=4.0 * num_rows * H * I)
     launch(config)
     return h, gu
@@ -555,7 +617,24 @@ def rows_gemm(
             out.zero_()
         return torch.zeros(num_rows, device=a.device, dtype=torch.float32) if want_dw else None
 
+    # dH on torch._grouped_mm, then the SwiGLU backward alone: a candidate where it can run
+    # (b [L, K, N] row-major, rows of a not gathered)
+    gmm_ok = (epilogue == EPI_SWIGLU_BWD and not a_gather and b.dim() == 3 and b_strides[2] == 1
+              and b_strides[1] == b.shape[2] and b_strides[0] == b.shape[1] * b.shape[2] and _grouped_mm_ok(a, b))
+
+    def launch_grouped_mm(out_t: torch.Tensor) -> torch.Tensor | None:
+        dh = torch._grouped_mm(a, b, offs=_offsets(counts))  # [R, N], rows past sum(counts) garbage
+        bm, bn = (16, 16) if _INTERPRET else (32, 128)
+        dwp = torch.empty(triton.cdiv(n, bn), num_rows, device=a.device, dtype=torch.float32) if want_dw else None
+        _swiglu_bwd_kernel[(triton.cdiv(num_rows, bm), triton.cdiv(n, bn))](
+            dh, gate_up, counts, row_weight if row_weight is not None else counts, out_t,
+            dwp if dwp is not None else counts, num_rows, n, L, dh.stride(0), gate_up.stride(0), out_t.stride(0),
+            HAS_WEIGHT=row_weight is not None, BM=bm, BN=bn, BLOCK_L=_block_l(L), num_warps=4)
+        return dwp
+
     def launch(cfg: TileConfig, out_t: torch.Tensor) -> torch.Tensor | None:
+        if cfg.impl == "grouped_mm" and gmm_ok:
+            return launch_grouped_mm(out_t)
         npm = _num_row_blocks(num_rows, L, cfg.BM)
         num_pid_n = triton.cdiv(n, cfg.BN)
         dwp = torch.empty(num_pid_n, num_rows, device=a.device, dtype=torch.float32) if want_dw else None
@@ -578,46 +657,54 @@ def rows_gemm(
         return dwp
 
     if config is None:
-        scratch = torch.empty_like(out)
+        scratch = _once(lambda: torch.empty_like(out))
         flags = (str(a.dtype), epilogue, a_gather, row_weight is not None, b_strides[2] == 1)
-        config = tile_config("rows", (n, K) + flags, _rows_bucket(num_rows, L), lambda c: launch(c, scratch),
-                             flops=2.0 * num_rows * n * K)
-        del scratch
+        config = tile_config("rows", (n, K) + flags, _rows_bucket(num_rows, L), lambda c: launch(c, scratch()),
+                             flops=2.0 * num_rows * n * K, extra=(_GROUPED_MM,) if gmm_ok else ())
     dwp = launch(config, out)
     return dwp.sum(0) if dwp is not None else None
 
 
 def expert_weight_grad(
-    a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, out: torch.Tensor, num_rows: int, *,
+    a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor, num_rows: int, *,
     a_token: torch.Tensor | None = None, a_weight: torch.Tensor | None = None,
-    b_token: torch.Tensor | None = None, config: TileConfig | None = None,
-) -> None:
-    """``out[e] = sum_{r of expert e} (a_weight[r] *) a[ra(r)]^T b[rb(r)]`` into ``out [L, P, Q]``.
+    b_token: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, config: TileConfig | None = None,
+) -> torch.Tensor:
+    """``out[e] = sum_{r of expert e} (a_weight[r] *) a[ra(r)]^T b[rb(r)]``, ``out [L, P, Q]``.
 
     Args:
         a: ``[*, P]``; b: ``[*, Q]``, row-major, same dtype.
+        counts: integer ``[L]`` rows per expert (the first ``num_rows`` rows of a / b, grouped).
         a_token / b_token: integer ``[R]`` row indices (gather) or None (row r).
         a_weight: fp32 ``[R]`` row scale of a, or None.
-    """
-    L, P, Q = out.shape
-    if P == 0 or Q == 0:
-        return
+        out_dtype: of the result (default a's).
 
-    def launch(cfg: TileConfig, out_t=out) -> None:
+    Plain rows (no gather, no scale): ``torch._grouped_mm`` is one of the autotune's candidates.
+    """
+    L, P, Q = counts.shape[0], a.shape[1], b.shape[1]
+    out_dtype = out_dtype or a.dtype
+    if P == 0 or Q == 0 or num_rows == 0:
+        return torch.zeros(L, P, Q, device=a.device, dtype=out_dtype)
+    gmm_ok = (a_token is None and a_weight is None and b_token is None and out_dtype == a.dtype
+              and _grouped_mm_ok(a, b))
+
+    def launch(cfg: TileConfig) -> torch.Tensor:
+        if cfg.impl == "grouped_mm" and gmm_ok:
+            return torch._grouped_mm(a[:num_rows].t(), b[:num_rows], offs=_offsets(counts))
+        out = torch.empty(L, P, Q, device=a.device, dtype=out_dtype)
         dummy = counts
         grid = (L * triton.cdiv(P, cfg.BM) * triton.cdiv(Q, cfg.BN),)
         _expert_wgrad_kernel[grid](
             a, a_token if a_token is not None else dummy, a_weight if a_weight is not None else dummy,
-            b, b_token if b_token is not None else dummy, counts, out_t,
-            P, Q, L, a.stride(0), b.stride(0), out_t.stride(0), out_t.stride(1),
+            b, b_token if b_token is not None else dummy, counts, out,
+            P, Q, L, a.stride(0), b.stride(0), out.stride(0), out.stride(1),
             A_GATHER=a_token is not None, A_SCALE=a_weight is not None, B_GATHER=b_token is not None,
             DOT_PREC=_dot_precision(a.dtype), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
             BLOCK_L=_block_l(L), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return out
 
     if config is None:
-        scratch = torch.empty_like(out)
         flags = (str(a.dtype), a_token is not None, a_weight is not None, b_token is not None)
-        config = tile_config("wgrad", (P, Q) + flags, _rows_bucket(num_rows, L), lambda c: launch(c, scratch),
-                             flops=2.0 * num_rows * P * Q)
-        del scratch
-    launch(config)
+        config = tile_config("wgrad", (P, Q) + flags, _rows_bucket(num_rows, L), launch,
+                             flops=2.0 * num_rows * P * Q, extra=(_GROUPED_MM,) if gmm_ok else ())
+    return launch(config)
