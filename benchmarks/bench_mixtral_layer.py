@@ -160,6 +160,8 @@ def expert_shape_rows(token_counts: list[int], backends: list[str], tflops: floa
     from moe_dispatch.experts_fused import fused_moe_experts, routing_rows
 
     rows = []
+    print_shape_row(None, {})  # the header; each row is printed as soon as it is measured
+    ref: dict = {}
     for shape, (H, I, E, K) in EXPERT_SHAPES.items():
         with torch.device("cuda"):
             experts = SwiGLUExperts(E, H, I, backend="loop", dtype=torch.bfloat16)
@@ -190,27 +192,30 @@ def expert_shape_rows(token_counts: list[int], backends: list[str], tflops: floa
                              "peak_gb": peak, "bound_ms": bound, "fwd_vs_bound": fwd / bound["fwd"],
                              "fwd_bwd_vs_bound": fwd_bwd / bound["fwd_bwd"],
                              "flop_bound_ms": {"fwd": flops / tflops / 1e9, "fwd_bwd": 3 * flops / tflops / 1e9}})
+                print_shape_row(rows[-1], ref)
             del x, rows_in
         del experts, params
         torch.cuda.empty_cache()
     return rows
 
 
-def print_shape_rows(rows: list[dict]) -> None:
-    header = (f"{'shape':<10}{'T':>6} {'row':<20}{'fwd ms':>9}{'x bound':>9}{'fwd+bwd':>10}{'x bound':>9}"
-              f"{'bound f/fb':>13}{'peak GB':>9}{'vs gmm fb':>10}")
-    print(header)
-    print("-" * len(header))
-    ref = {}
-    for row in rows:
-        if row["name"] == "experts[grouped_mm]":
-            ref[(row["shape"], row["tokens"])] = row["fwd_bwd_ms"]
-        base = ref.get((row["shape"], row["tokens"]))
-        speed = f"{base / row['fwd_bwd_ms']:.2f}x" if base else ""
-        b = row["bound_ms"]
-        print(f"{row['shape']:<10}{row['tokens']:>6} {row['name']:<20}{row['fwd_ms']:>9.3f}{row['fwd_vs_bound']:>9.2f}"
-              f"{row['fwd_bwd_ms']:>10.3f}{row['fwd_bwd_vs_bound']:>9.2f}{b['fwd']:>6.2f}/{b['fwd_bwd']:<6.2f}"
-              f"{row['peak_gb']:>9.2f}{speed:>10}")
+def print_shape_row(row: dict | None, ref: dict) -> None:
+    """One row of the expert-shapes table (the header when ``row`` is None); ``ref`` collects the
+    grouped_mm fwd+bwd times for the speedup column."""
+    if row is None:
+        header = (f"{'shape':<10}{'T':>6} {'row':<20}{'fwd ms':>9}{'x bound':>9}{'fwd+bwd':>10}{'x bound':>9}"
+                  f"{'bound f/fb':>13}{'peak GB':>9}{'vs gmm fb':>10}")
+        print(header)
+        print("-" * len(header))
+        return
+    if row["name"] == "experts[grouped_mm]":
+        ref[(row["shape"], row["tokens"])] = row["fwd_bwd_ms"]
+    base = ref.get((row["shape"], row["tokens"]))
+    speed = f"{base / row['fwd_bwd_ms']:.2f}x" if base else ""
+    b = row["bound_ms"]
+    print(f"{row['shape']:<10}{row['tokens']:>6} {row['name']:<20}{row['fwd_ms']:>9.3f}{row['fwd_vs_bound']:>9.2f}"
+          f"{row['fwd_bwd_ms']:>10.3f}{row['fwd_bwd_vs_bound']:>9.2f}{b['fwd']:>6.2f}/{b['fwd_bwd']:<6.2f}"
+          f"{row['peak_gb']:>9.2f}{speed:>10}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -337,7 +342,6 @@ def main(argv=None) -> int:
               "bound = max(FLOPs / matmul, weight bytes / HBM)")
         shape_rows = expert_shape_rows([int(t) for t in args.shape_tokens.split(",")], backends, tflops, hbm,
                                        args.warmup, args.iters)
-        print_shape_rows(shape_rows)
         result["hbm_gbps"], result["expert_shapes"] = hbm, shape_rows
     if args.json:
         text = json.dumps(result, indent=2)

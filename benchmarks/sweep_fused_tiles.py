@@ -52,10 +52,16 @@ def main(argv=None) -> int:
         rows = x[row_token.long()].contiguous().requires_grad_()
         start = len(grouped_gemm.tuning_log())
 
+        def reset_grads():
+            for t in (wgu, wd, rows, x, weights):
+                t.grad = None
+
         def rows_step():
+            reset_grads()
             fused_swiglu_experts(rows, counts, wgu, wd).backward(torch.ones_like(rows))
 
         def tokens_step():
+            reset_grads()
             fused_moe_experts(x.requires_grad_(), selected, weights, wgu, wd, check_ids=False).backward(torch.ones_like(x))
 
         rows_step()
@@ -65,6 +71,10 @@ def main(argv=None) -> int:
         print(f"\n== {name} T={T} (H {H}, I {I}, {E} experts, top-{K}; {T * K // E} rows/expert on average)")
         print(f"{'kernel':<8}{'key':<52}{'bucket':>7}  {'config':<26}{'ms':>9}{'TFLOP/s':>9}")
         for entry in log:
+            if "skipped" in entry:
+                print(f"{entry['kind']:<8}{str(entry['key']):<52}{entry['bucket']:>7}  {entry['skipped']} failed: "
+                      f"{entry['error']}")
+                continue
             for cfg, ms in sorted(entry["ms"].items(), key=lambda kv: kv[1]):
                 mark = "*" if cfg == entry["best"] else " "
                 tf = entry["flops"] / (ms * 1e-3) / 1e12

@@ -134,7 +134,10 @@ def _swiglu_bwd_kernel(
     valid = rm < total
     mask = valid[:, None] & (rn[None, :] < N)
     acc = tl.load(dh_ptr + rm64[:, None] * stride_dh + rn[None, :], mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(row_weight_ptr + rm, mask=valid, other=0.0).to(tl.float32) if HAS_WEIGHT else None
+    if HAS_WEIGHT:
+        w = tl.load(row_weight_ptr + rm, mask=valid, other=0.0).to(tl.float32)
+    else:
+        w = tl.full((BM,), 1.0, dtype=tl.float32)  # unused
     _swiglu_bwd(acc, gu_ptr + rm64[:, None] * stride_gu + rn[None, :], dgu_ptr + rm64[:, None] * stride_dgu + rn[None, :],
                 N, mask, w, dwp_ptr + pid_n.to(tl.int64) * R + rm64, rm < R, HAS_WEIGHT)
 
@@ -267,6 +270,8 @@ def _rows_gemm_kernel(
         out_mask = mask_m[:, None] & mask_n[None, :]
         if HAS_WEIGHT:
             w = tl.load(row_weight_ptr + rm, mask=mask_m, other=0.0).to(tl.float32)
+        else:
+            w = tl.full((BM,), 1.0, dtype=tl.float32)  # unused
         if EPILOGUE == 0:
             tl.store(out_ptr + rm64[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
         elif EPILOGUE == 1:
@@ -276,7 +281,7 @@ def _rows_gemm_kernel(
         else:
             _swiglu_bwd(acc, gu_ptr + rm64[:, None] * stride_gum + rn[None, :],
                         out_ptr + rm64[:, None] * stride_om + rn[None, :], N, out_mask,
-                        w if HAS_WEIGHT else None, dwp_ptr + pid_n.to(tl.int64) * R + rm64, mask_m, HAS_WEIGHT)
+                        w, dwp_ptr + pid_n.to(tl.int64) * R + rm64, mask_m, HAS_WEIGHT)
     else:
         if ZERO_PAD:  # EPI_STORE only: out is row-aligned with a
             tl.store(out_ptr + rm64[:, None] * stride_om + rn[None, :],
@@ -356,22 +361,20 @@ class TileConfig:
 _C = TileConfig
 # Candidates per kernel kind: "small" for few rows per expert (weight streaming, memory-bound),
 # "large" for many (tensor-core bound). gate_up's BN is per half: its tile covers 2 * BN columns.
+# Ordered best first on the H200 at the Mixtral shape (benchmarks/sweep_fused_tiles.py, 2026-12-04):
+# gate_up 128x128x64 tma 631 TFLOP/s, rows 128x256x64 tma ~700, wgrad 128x256x64 ~490.
 _CANDIDATES: dict[str, dict[str, list[TileConfig]]] = {
     "gate_up": {
-        "large": [_C(128, 128, 64, 8, 8, 3), _C(128, 128, 64, 8, 8, 3, True), _C(128, 64, 64, 8, 4, 4),
-                  _C(64, 128, 64, 8, 4, 4)],
-        "small": [_C(64, 64, 128, 8, 4, 4), _C(64, 64, 128, 8, 4, 4, True), _C(32, 64, 128, 8, 4, 4),
-                  _C(64, 128, 64, 8, 4, 3)],
+        "large": [_C(128, 128, 64, 8, 8, 3, True), _C(128, 128, 64, 8, 8, 4, True), _C(128, 128, 64, 8, 8, 3)],
+        "small": [_C(64, 64, 128, 8, 4, 4, True), _C(64, 128, 64, 8, 4, 3, True), _C(32, 64, 128, 8, 4, 4)],
     },
     "rows": {
-        "large": [_C(128, 256, 64, 8, 8, 3), _C(128, 256, 64, 8, 8, 3, True), _C(128, 128, 64, 8, 4, 4),
-                  _C(128, 128, 64, 8, 8, 4)],
-        "small": [_C(64, 128, 64, 8, 4, 4), _C(64, 128, 64, 8, 4, 4, True), _C(32, 128, 128, 8, 4, 4),
-                  _C(64, 256, 64, 8, 8, 3)],
+        "large": [_C(128, 256, 64, 8, 8, 3, True), _C(128, 128, 64, 8, 8, 4), _C(128, 128, 64, 8, 8, 4, True)],
+        "small": [_C(64, 128, 64, 8, 4, 4, True), _C(64, 256, 64, 8, 8, 3, True), _C(32, 128, 128, 8, 4, 4)],
     },
     "wgrad": {
-        "large": [_C(128, 256, 64, 8, 8, 3), _C(128, 128, 64, 8, 8, 4), _C(128, 128, 64, 8, 4, 4)],
-        "small": [_C(128, 128, 32, 8, 4, 3), _C(64, 128, 32, 8, 4, 3), _C(128, 256, 32, 8, 8, 3)],
+        "large": [_C(128, 256, 64, 8, 8, 3), _C(256, 128, 64, 8, 8, 3)],
+        "small": [_C(128, 128, 32, 8, 4, 3), _C(128, 256, 32, 8, 8, 3)],
     },
 }
 # Under the interpreter: small tiles, one config (tests may override it via _INTERPRET_CONFIG).
@@ -419,8 +422,10 @@ def tile_config(kind: str, key: tuple, bucket: int, launch: Callable[[TileConfig
         try:
             timings[cand] = triton.testing.do_bench(lambda: launch(cand), warmup=5, rep=20, return_mode="median")
         except Exception as err:  # noqa: BLE001 - out of shared memory / registers: not a candidate
-            if "OutOfResources" not in type(err).__name__ and "out of resource" not in str(err).lower():
+            resources = "OutOfResources" in type(err).__name__ or "out of resource" in str(err).lower()
+            if not resources and cand.impl == "triton":
                 raise
+            _LOG.append({"kind": kind, "bucket": bucket, "key": key, "skipped": str(cand), "error": str(err)[:200]})
     if not timings:
         raise RuntimeError(f"no tile config compiled for {kind} {key}")
     cfg = min(timings, key=timings.get)
