@@ -326,6 +326,32 @@ def test_fused_backend_rejects_other_activations():
         SwiGLUExperts(2, 16, 8, backend="fused", activation="gelu")
 
 
+def _check_awkward_case(gather_scatter: bool, seed: int) -> None:
+    """Forward and every grad against the reference: tokens with dropped slots and an empty expert
+    (gather + scatter), or grouped rows with empty experts and padding rows."""
+    gen = torch.Generator().manual_seed(seed)
+    L, H, I = 4, 40, 24
+    wgu, wd = _weights(L, H, I, gen)
+    if gather_scatter:
+        n, k = 9, 2
+        x = torch.randn(n, H, generator=gen).requires_grad_()
+        sel = _routing(n, k, L - 1, "drops", gen)  # ids in [-1, L - 1): the last expert gets no row
+        rw = torch.rand(n, k, generator=gen).requires_grad_()
+        out = fused_moe_experts(x, sel, rw, wgu, wd)
+        ref = _dense_tokens(x, sel, rw, wgu, wd)
+        inputs = (x, wgu, wd, rw)
+    else:
+        counts = [5, 0, 9, 0]
+        x = torch.randn(17, H, generator=gen).requires_grad_()
+        out = fused_swiglu_experts(x, torch.tensor(counts), wgu, wd)
+        ref = _loop_rows(x, counts, wgu, wd)
+        inputs = (x, wgu, wd)
+    assert rel_err(out, ref) < FP32_TOL
+    grad_out = torch.randn_like(ref)
+    for g, w in zip(_grads(out, inputs, grad_out), _grads(ref, inputs, grad_out)):
+        assert rel_err(g, w) < FP32_TOL
+
+
 @pytest.mark.parametrize("gather_scatter", [True, False])
 def test_tensor_descriptor_path_vs_reference(monkeypatch, gather_scatter):
     """Tiles through tensor descriptors (TMA on Hopper): the same results. H = 40 is not a multiple
@@ -338,27 +364,7 @@ def test_tensor_descriptor_path_vs_reference(monkeypatch, gather_scatter):
     used = []
     real = gg._descriptor
     monkeypatch.setattr(gg, "_descriptor", lambda t, block: used.append(block) or real(t, block))
-    gen = torch.Generator().manual_seed(8)
-    L, H, I = 3, 40, 24
-    wgu, wd = _weights(L, H, I, gen)
-    if gather_scatter:
-        n, k = 9, 2
-        x = torch.randn(n, H, generator=gen).requires_grad_()
-        sel = _routing(n, k, L, "drops", gen)
-        rw = torch.rand(n, k, generator=gen).requires_grad_()
-        out = fused_moe_experts(x, sel, rw, wgu, wd)
-        ref = _dense_tokens(x, sel, rw, wgu, wd)
-        inputs = (x, wgu, wd, rw)
-    else:
-        counts = [5, 0, 9]
-        x = torch.randn(17, H, generator=gen).requires_grad_()
-        out = fused_swiglu_experts(x, torch.tensor(counts), wgu, wd)
-        ref = _loop_rows(x, counts, wgu, wd)
-        inputs = (x, wgu, wd)
-    assert rel_err(out, ref) < FP32_TOL
-    grad_out = torch.randn_like(ref)
-    for g, w in zip(_grads(out, inputs, grad_out), _grads(ref, inputs, grad_out)):
-        assert rel_err(g, w) < FP32_TOL
+    _check_awkward_case(gather_scatter, seed=8)
     assert len(used) >= 4
 
 
@@ -400,26 +406,7 @@ def test_grouped_mm_candidates_vs_reference(monkeypatch, gather_scatter):
     calls = []
     real = torch._grouped_mm
     monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
-    gen = torch.Generator().manual_seed(10)
-    L, H, I = 4, 40, 24
-    wgu, wd = _weights(L, H, I, gen)
-    if gather_scatter:
-        n, k = 9, 2
-        x = torch.randn(n, H, generator=gen).requires_grad_()
-        sel = _routing(n, k, L, "drops", gen) % 3  # expert 3 empty
-        rw = torch.rand(n, k, generator=gen).requires_grad_()
-        out = fused_moe_experts(x, sel, rw, wgu, wd)
-        ref = _dense_tokens(x, sel, rw, wgu, wd)
-        inputs = (x, wgu, wd, rw)
-    else:
-        counts = [5, 0, 9, 0]
-        x = torch.randn(17, H, generator=gen).requires_grad_()
-        out = fused_swiglu_experts(x, torch.tensor(counts), wgu, wd)
-        ref = _loop_rows(x, counts, wgu, wd)
-        inputs = (x, wgu, wd)
-    grad_out = torch.randn_like(ref)
-    for g, w in zip(_grads(out, inputs, grad_out), _grads(ref, inputs, grad_out)):
-        assert rel_err(g, w) < FP32_TOL
+    _check_awkward_case(gather_scatter, seed=10)
     assert len(calls) == 3  # dH, dW_gate_up, dW_down
 
 
