@@ -268,7 +268,7 @@ def fused_moe_experts(
         raise ValueError(f"routing_weights_NK must be floating {tuple(selected_experts_NK.shape)}, got "
                          f"{routing_weights_NK.dtype} {tuple(routing_weights_NK.shape)}")
     if check_ids and selected_experts_NK.numel() and not torch.compiler.is_compiling():
-        lo, hi = int(selected_experts_NK.min()), int(selected_experts_NK.max())  # host sync: id check
+        lo, hi = torch.stack(torch.aminmax(selected_experts_NK)).tolist()  # host sync: id check
         if lo < -1 or hi >= L:
             raise ValueError(f"selected_experts_NK must be in [-1, {L}), got values in [{lo}, {hi}]")
     counts, row_token, row_weight = routing_rows(selected_experts_NK, routing_weights_NK, L)
