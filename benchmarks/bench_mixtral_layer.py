@@ -11,6 +11,17 @@ Rows:
   capacity mode (``max_tokens_per_rank=tokens``, no host sync), eager and replayed from CUDA
   graphs (``moe_dispatch.graph.capture_moe_layer``: route -> dispatch -> experts -> combine,
   and the backward, each one graph).
+- ``tokens[fused,<g><s>]`` (with the fused backend): the experts from tokens to combined tokens,
+  :func:`moe_dispatch.experts_fused.fused_moe_experts`; ``g`` = gather fused into the first GEMM
+  (else a permuted copy first), ``s`` = scatter with the routing weight fused into the last GEMM
+  (else ``index_add``); ``-`` = neither.
+- ``--expert-shapes``: experts alone at the Mixtral, Qwen3-MoE (H 2048, 128 experts, top-8,
+  I 768) and DeepSeek (H 7168, 256 experts, top-8, I 2048) expert shapes for each ``--shape-tokens``
+  T, ``torch._grouped_mm`` against fused (rows) and fused gather+scatter (tokens), uniform random
+  top-k routing; bound = max(FLOPs / matmul rate, weight bytes / HBM copy rate), both measured.
+
+``peak GB``: peak device memory allocated during one fwd+bwd step above what was allocated
+before it (activations, saved tensors, grads, workspaces).
 
 ``rel err``: ``||ours - hf|| / ||hf||`` with HF's router run in fp32 as ours (bf16 router logits
 would flip near-tied top-k choices and hide everything else).
@@ -29,6 +40,7 @@ Usage::
 
     python benchmarks/bench_mixtral_layer.py [--tokens 4096] [--json out.json]
     python benchmarks/bench_mixtral_layer.py --qwen3-moe [--tokens 4096] [--json out.json]
+    python benchmarks/bench_mixtral_layer.py --skip-layer --expert-shapes --shape-tokens 512,4096,16384
 """
 from __future__ import annotations
 
@@ -62,6 +74,11 @@ def available_backends() -> list[str]:
         backends.append("te")
     except ImportError:
         pass
+    try:
+        import triton  # noqa: F401
+        backends.append("fused")
+    except ImportError:
+        pass
     backends.append("loop")
     return backends
 
@@ -82,20 +99,132 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def timed_pair(module_fn, x: torch.Tensor, params, warmup: int, iters: int) -> tuple[float, float]:
-    """(forward ms, forward+backward ms) of ``module_fn(x) -> [.., H]`` tensor."""
+def timed_pair(module_fn, x: torch.Tensor, params, warmup: int, iters: int) -> tuple[float, float, float]:
+    """(forward ms, forward+backward ms, peak GB of one fwd+bwd step) of ``module_fn(x) -> [.., H]``."""
     with torch.no_grad():
         fwd = median_ms(lambda: module_fn(x), warmup, iters)
     x_grad = x.detach().requires_grad_()
-    grad_out = torch.randn_like(x)
+    grad_out = None
 
     def step():
+        nonlocal grad_out
         for p in params:
             p.grad = None
         x_grad.grad = None
-        module_fn(x_grad).backward(grad_out)
+        out = module_fn(x_grad)
+        if grad_out is None:
+            grad_out = torch.randn_like(out)
+        out.backward(grad_out)
 
-    return fwd, median_ms(step, warmup, iters)
+    fwd_bwd = median_ms(step, warmup, iters)
+    for p in params:
+        p.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 1e9
+    for p in params:
+        p.grad = None
+    return fwd, fwd_bwd, peak
+
+
+def _topk_routing(T: int, E: int, K: int, seed: int = 0):
+    """Uniform random top-k routing: ``(selected [T, K] int64, weights [T, K] fp32)``, distinct experts."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    scores = torch.rand(T, E, device="cuda", generator=gen)
+    weights, selected = scores.topk(K, dim=-1)
+    return selected, weights / weights.sum(-1, keepdim=True)
+
+
+def fused_token_rows(x_NH, selected, weights, w_gate_up, w_down, warmup: int, iters: int) -> list[dict]:
+    """Rows ``tokens[fused,<g><s>]`` for the four gather / scatter combinations."""
+    from moe_dispatch.experts_fused import fused_moe_experts
+
+    rows = []
+    weights = weights.detach().requires_grad_()
+    for gather, scatter in ((True, True), (True, False), (False, True), (False, False)):
+        tag = ("g" if gather else "") + ("s" if scatter else "") or "-"
+        fwd, fwd_bwd, peak = timed_pair(
+            lambda t: fused_moe_experts(t, selected, weights, w_gate_up, w_down, gather=gather, scatter=scatter,
+                                        check_ids=False),
+            x_NH, [w_gate_up, w_down, weights], warmup, iters)
+        rows.append({"name": f"tokens[fused,{tag}]", "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "peak_gb": peak,
+                     "rel_err_vs_hf": None})
+    return rows
+
+
+EXPERT_SHAPES = {  # name: (hidden, ffn, experts, top-k)
+    "mixtral": (4096, 14336, 8, 2),
+    "qwen3moe": (2048, 768, 128, 8),
+    "deepseek": (7168, 2048, 256, 8),
+}
+
+
+def expert_shape_rows(token_counts: list[int], backends: list[str], tflops: float, hbm_gbps: float,
+                      warmup: int, iters: int) -> list[dict]:
+    """Experts alone at each shape of ``EXPERT_SHAPES`` and each T: grouped_mm vs fused vs fused g+s."""
+    from moe_dispatch.experts import SwiGLUExperts
+    from moe_dispatch.experts_fused import fused_moe_experts, routing_rows
+
+    rows = []
+    print_shape_row(None, {})  # the header; each row is printed as soon as it is measured
+    ref: dict = {}
+    for shape, (H, I, E, K) in EXPERT_SHAPES.items():
+        with torch.device("cuda"):
+            experts = SwiGLUExperts(E, H, I, backend="loop", dtype=torch.bfloat16)
+        experts.reset_parameters(0.02)
+        params = list(experts.parameters())
+        weight_bytes = sum(p.numel() * p.element_size() for p in params)
+        for T in token_counts:
+            x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+            selected, weights = _topk_routing(T, E, K)
+            counts, row_token, _ = routing_rows(selected, weights, E)
+            rows_in = x[row_token.long()].contiguous()
+            flops = 3 * 2 * T * K * H * I
+            # weights read once (fwd); fwd+bwd: read twice more (dX, dH) and the grads written
+            bound = {"fwd": max(flops / (tflops * 1e12), weight_bytes / (hbm_gbps * 1e9)) * 1e3,
+                     "fwd_bwd": max(3 * flops / (tflops * 1e12), 4 * weight_bytes / (hbm_gbps * 1e9)) * 1e3}
+            variants = [(f"experts[{b}]", b) for b in backends if b in ("grouped_mm", "fused")] + [("tokens[fused,gs]", None)]
+            for name, backend in variants:
+                if backend is not None:
+                    experts.backend = backend
+                    fn, inp, ps = (lambda t: experts(t, counts)), rows_in, params
+                else:
+                    w = weights.detach().requires_grad_()
+                    fn = (lambda t, w=w: fused_moe_experts(t, selected, w, experts.experts_gate_up_weight,
+                                                           experts.experts_down_weight, check_ids=False))
+                    inp, ps = x, params + [w]
+                fwd, fwd_bwd, peak = timed_pair(fn, inp, ps, warmup, iters)
+                rows.append({"shape": shape, "tokens": T, "name": name, "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd,
+                             "peak_gb": peak, "bound_ms": bound, "fwd_vs_bound": fwd / bound["fwd"],
+                             "fwd_bwd_vs_bound": fwd_bwd / bound["fwd_bwd"],
+                             "flop_bound_ms": {"fwd": flops / tflops / 1e9, "fwd_bwd": 3 * flops / tflops / 1e9}})
+                print_shape_row(rows[-1], ref)
+            del x, rows_in
+        del experts, params
+        torch.cuda.empty_cache()
+    return rows
+
+
+def print_shape_row(row: dict | None, ref: dict) -> None:
+    """One row of the expert-shapes table (the header when ``row`` is None); ``ref`` collects the
+    grouped_mm fwd+bwd times for the speedup column."""
+    if row is None:
+        header = (f"{'shape':<10}{'T':>6} {'row':<20}{'fwd ms':>9}{'x bound':>9}{'fwd+bwd':>10}{'x bound':>9}"
+                  f"{'bound f/fb':>13}{'peak GB':>9}{'vs gmm fb':>10}")
+        print(header)
+        print("-" * len(header))
+        return
+    if row["name"] == "experts[grouped_mm]":
+        ref[(row["shape"], row["tokens"])] = row["fwd_bwd_ms"]
+    base = ref.get((row["shape"], row["tokens"]))
+    speed = f"{base / row['fwd_bwd_ms']:.2f}x" if base else ""
+    b = row["bound_ms"]
+    print(f"{row['shape']:<10}{row['tokens']:>6} {row['name']:<20}{row['fwd_ms']:>9.3f}{row['fwd_vs_bound']:>9.2f}"
+          f"{row['fwd_bwd_ms']:>10.3f}{row['fwd_bwd_vs_bound']:>9.2f}{b['fwd']:>6.2f}/{b['fwd_bwd']:<6.2f}"
+          f"{row['peak_gb']:>9.2f}{speed:>10}", flush=True)
 
 
 def graphed_rows(config, hf_block, x, hf_out, args) -> list[dict]:
@@ -117,14 +246,16 @@ def graphed_rows(config, hf_block, x, hf_out, args) -> list[dict]:
         err = rel_err(block(x).hidden_states, hf_out)
     params = list(block.parameters())
     rows = []
-    fwd, fwd_bwd = timed_pair(lambda t: block(t).hidden_states, x, params, args.warmup, args.iters)
-    rows.append({"name": "capacity[grouped_mm]", "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "rel_err_vs_hf": err})
+    fwd, fwd_bwd, peak = timed_pair(lambda t: block(t).hidden_states, x, params, args.warmup, args.iters)
+    rows.append({"name": "capacity[grouped_mm]", "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "peak_gb": peak,
+                 "rel_err_vs_hf": err})
     x_train = x.detach().clone().requires_grad_()
     graphed = capture_moe_layer(block, x_train)
     with torch.no_grad():
         err = rel_err(graphed(x).hidden_states, hf_out)
-    fwd, fwd_bwd = timed_pair(lambda t: graphed(t).hidden_states, x, params, args.warmup, args.iters)
-    rows.append({"name": "graphed[grouped_mm]", "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "rel_err_vs_hf": err})
+    fwd, fwd_bwd, peak = timed_pair(lambda t: graphed(t).hidden_states, x, params, args.warmup, args.iters)
+    rows.append({"name": "graphed[grouped_mm]", "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "peak_gb": peak,
+                 "rel_err_vs_hf": err})
     return rows
 
 
@@ -140,6 +271,9 @@ def main(argv=None) -> int:
     parser.add_argument("--backends", default=None, help="comma list of expert backends (default: all that run here)")
     parser.add_argument("--permute-backend", default="auto")
     parser.add_argument("--skip-hf", action="store_true", help="do not time transformers' block")
+    parser.add_argument("--skip-layer", action="store_true", help="time no layer rows (only --expert-shapes)")
+    parser.add_argument("--expert-shapes", action="store_true", help="add the experts-alone rows per model shape")
+    parser.add_argument("--shape-tokens", default="512,4096,16384", help="comma list of T for --expert-shapes")
     parser.add_argument("--json", default=None, help="write results as JSON to this path ('-' for stdout)")
     parser.add_argument("--qwen3-moe", action="store_true",
                         help="the Qwen3-MoE shape instead (H 2048, 128 experts, top-8, moe_intermediate 768)")
@@ -180,15 +314,15 @@ def main(argv=None) -> int:
     hf_block.gate.forward = hf_forward
 
     rows = []
-    if not args.skip_hf:
-        fwd, fwd_bwd = timed_pair(lambda t: hf_block(t), x, list(hf_block.parameters()), args.warmup, args.iters)
+    if not args.skip_hf and not args.skip_layer:
+        fwd, fwd_bwd, peak = timed_pair(lambda t: hf_block(t), x, list(hf_block.parameters()), args.warmup, args.iters)
         with torch.no_grad():  # HF as shipped (bf16 router) against the fp32-routed reference
             err = rel_err(hf_block(x.clone()), hf_out)
-        rows.append({"name": "hf", "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "rel_err_vs_hf": err})
+        rows.append({"name": "hf", "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "peak_gb": peak, "rel_err_vs_hf": err})
 
     backends = args.backends.split(",") if args.backends else available_backends()
     config = NVMixtralConfig(**fields, permute_backend=args.permute_backend)
-    for backend in backends:
+    for backend in ([] if args.skip_layer else backends):
         with torch.device("cuda"):
             block = NVMixtralSparseMoeBlock(config, expert_backend=backend)
         block = block.to(torch.bfloat16)  # the router gate stays fp32
@@ -198,17 +332,23 @@ def main(argv=None) -> int:
             block.experts.experts_down_weight.copy_(hf_block.experts.down_proj)
             out = block(x).hidden_states
         err = rel_err(out, hf_out)
-        fwd, fwd_bwd = timed_pair(lambda t: block(t).hidden_states, x, list(block.parameters()), args.warmup, args.iters)
-        rows.append({"name": f"ours[{backend}]", "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "rel_err_vs_hf": err})
+        fwd, fwd_bwd, peak = timed_pair(lambda t: block(t).hidden_states, x, list(block.parameters()), args.warmup,
+                                        args.iters)
+        rows.append({"name": f"ours[{backend}]", "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "peak_gb": peak,
+                     "rel_err_vs_hf": err})
 
         # the experts stage alone, on the rows this routing dispatches
         with torch.no_grad():
             selected, weights, _ = block.router(x.view(T, H).float())
             dispatched = block.dispatcher.dispatch(x.view(T, H), selected, weights)
         rows_in, counts = dispatched.expert_input.contiguous(), dispatched.tokens_per_expert
-        fwd, fwd_bwd = timed_pair(lambda t: block.experts(t, counts), rows_in, list(block.experts.parameters()),
-                                  args.warmup, args.iters)
-        rows.append({"name": f"experts[{backend}]", "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "rel_err_vs_hf": None})
+        fwd, fwd_bwd, peak = timed_pair(lambda t: block.experts(t, counts), rows_in,
+                                        list(block.experts.parameters()), args.warmup, args.iters)
+        rows.append({"name": f"experts[{backend}]", "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "peak_gb": peak,
+                     "rel_err_vs_hf": None})
+        if backend == "fused":  # the experts from tokens to combined tokens, gather / scatter fused or not
+            rows += fused_token_rows(x.view(T, H), selected, weights, block.experts.experts_gate_up_weight,
+                                     block.experts.experts_down_weight, args.warmup, args.iters)
         del block, dispatched, rows_in
         torch.cuda.empty_cache()
 
@@ -219,7 +359,7 @@ def main(argv=None) -> int:
     for row in rows:
         row["fwd_vs_bound"] = row["fwd_ms"] / bound["fwd"]
         row["fwd_bwd_vs_bound"] = row["fwd_bwd_ms"] / bound["fwd_bwd"]
-        if hf_row is not None and not row["name"].startswith("experts["):
+        if hf_row is not None and not row["name"].startswith(("experts[", "tokens[")):
             row["fwd_speedup_vs_hf"] = hf_row["fwd_ms"] / row["fwd_ms"]
             row["fwd_bwd_speedup_vs_hf"] = hf_row["fwd_bwd_ms"] / row["fwd_bwd_ms"]
 
@@ -231,7 +371,8 @@ def main(argv=None) -> int:
     print(f"{result['device']}  torch {torch.__version__}  transformers {transformers.__version__}")
     print(f"T={T} H={H} I={I} E={E} top-{K} bf16; bf16 matmul {tflops:.0f} TFLOP/s; "
           f"bound fwd {bound['fwd']:.2f} ms, fwd+bwd {bound['fwd_bwd']:.2f} ms")
-    header = f"{'row':<22}{'fwd ms':>9}{'x bound':>9}{'vs hf':>8}{'fwd+bwd ms':>12}{'x bound':>9}{'vs hf':>8}{'rel err':>10}"
+    header = (f"{'row':<22}{'fwd ms':>9}{'x bound':>9}{'vs hf':>8}{'fwd+bwd ms':>12}{'x bound':>9}{'vs hf':>8}"
+              f"{'rel err':>10}{'peak GB':>9}")
     print(header)
     print("-" * len(header))
     def speedup(row, key):
@@ -241,7 +382,16 @@ def main(argv=None) -> int:
         err = "" if row["rel_err_vs_hf"] is None else f"{row['rel_err_vs_hf']:.1e}"
         print(f"{row['name']:<22}{row['fwd_ms']:>9.2f}{row['fwd_vs_bound']:>9.2f}{speedup(row, 'fwd_speedup_vs_hf'):>8}"
               f"{row['fwd_bwd_ms']:>12.2f}{row['fwd_bwd_vs_bound']:>9.2f}{speedup(row, 'fwd_bwd_speedup_vs_hf'):>8}"
-              f"{err:>10}")
+              f"{err:>10}{row['peak_gb']:>9.2f}")
+    if args.expert_shapes:
+        from moe_dispatch.bench.limits import hbm_copy_gbps
+
+        hbm = hbm_copy_gbps(torch.cuda.current_device())
+        print(f"\nexperts alone per model shape; bf16 matmul {tflops:.0f} TFLOP/s, HBM copy {hbm:.0f} GB/s; "
+              "bound = max(FLOPs / matmul, weight bytes / HBM)")
+        shape_rows = expert_shape_rows([int(t) for t in args.shape_tokens.split(",")], backends, tflops, hbm,
+                                       args.warmup, args.iters)
+        result["hbm_gbps"], result["expert_shapes"] = hbm, shape_rows
     if args.json:
         text = json.dumps(result, indent=2)
         if args.json == "-":
@@ -284,9 +434,9 @@ def bench_qwen3_moe(args) -> int:
     hf_block.gate.forward = shipped
     rows = []
     if not args.skip_hf:
-        fwd, fwd_bwd = timed_pair(lambda t: hf_block(t), x, list(hf_block.parameters()), args.warmup, args.iters)
+        fwd, fwd_bwd, peak = timed_pair(lambda t: hf_block(t), x, list(hf_block.parameters()), args.warmup, args.iters)
         with torch.no_grad():
-            rows.append({"name": "hf", "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd,
+            rows.append({"name": "hf", "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "peak_gb": peak,
                          "rel_err_vs_hf": rel_err(hf_block(x.clone()), hf_out)})
     config = NVQwen3MoeConfig(**fields, permute_backend=args.permute_backend)
     for backend in (args.backends.split(",") if args.backends else available_backends()):
@@ -298,8 +448,10 @@ def bench_qwen3_moe(args) -> int:
             block.experts.experts_gate_up_weight.copy_(hf_block.experts.gate_up_proj)
             block.experts.experts_down_weight.copy_(hf_block.experts.down_proj)
             err = rel_err(block(x).hidden_states, hf_out)
-        fwd, fwd_bwd = timed_pair(lambda t: block(t).hidden_states, x, list(block.parameters()), args.warmup, args.iters)
-        rows.append({"name": f"ours[{backend}]", "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "rel_err_vs_hf": err})
+        fwd, fwd_bwd, peak = timed_pair(lambda t: block(t).hidden_states, x, list(block.parameters()), args.warmup,
+                                        args.iters)
+        rows.append({"name": f"ours[{backend}]", "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "peak_gb": peak,
+                     "rel_err_vs_hf": err})
         del block
         torch.cuda.empty_cache()
 
@@ -315,7 +467,7 @@ def bench_qwen3_moe(args) -> int:
         print(f"{row['name']:<18} fwd {row['fwd_ms']:8.2f} ms ({row['fwd_vs_bound']:.2f}x bound, "
               f"{row.get('fwd_speedup_vs_hf', float('nan')):.2f}x hf)  fwd+bwd {row['fwd_bwd_ms']:8.2f} ms "
               f"({row['fwd_bwd_vs_bound']:.2f}x bound, {row.get('fwd_bwd_speedup_vs_hf', float('nan')):.2f}x hf)  "
-              f"rel err {row['rel_err_vs_hf']:.1e}")
+              f"rel err {row['rel_err_vs_hf']:.1e}  peak {row['peak_gb']:.2f} GB")
     if args.json:
         text = json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                            "transformers": transformers.__version__, "model": "qwen3_moe",

@@ -5,6 +5,10 @@
 #   bash benchmarks/gpu_session.sh [STEP ...]      # default: all steps, in this order
 #
 # Steps: info core permute models deepep nvlink modeldisp ep bench layer permute_bench nvlink_bench host
+#        gputests (every test marked gpu that one GPU runs), bench1 (the bench CLI at --nproc 1:
+#        eager vs graphed all_to_all), qwen3_layer, sweep (fused tile configs), shapes (experts
+#        alone per model shape). One GPU: bash benchmarks/gpu_session.sh info gputests host
+#        permute_bench bench1 layer qwen3_layer shapes
 # TransformerEngine / DeepEP are used when importable (see ../shared/DEVICE.md and
 # install_hybridep.sh); the steps that need them say so and skip otherwise.
 set -uo pipefail
@@ -13,6 +17,8 @@ OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
 NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || tail -n 3 "$OUT/install.log"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # also works where the editable install cannot build
+# Fused-expert tile configs tuned once per machine, shared by every step (kept while the machine is warm).
+export MOE_FUSED_TUNE_CACHE=${MOE_FUSED_TUNE_CACHE:-$PWD/.gpu/tune_cache.json}; mkdir -p "$(dirname "$MOE_FUSED_TUNE_CACHE")"
 
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 secs=$2; shift 2
@@ -44,9 +50,22 @@ run_bench() {
   step bench 240 python3 -m moe_dispatch.bench --nproc 2 --out "$OUT/bench.json" ${BENCH_ARGS:-}
   sed -n '/^# moe_dispatch bench/,$p' "$OUT/bench.log"
 }
-run_layer() { step layer 150 python3 benchmarks/bench_mixtral_layer.py --json "$OUT/layer.json"; tail -n 15 "$OUT/layer.log"; }
-run_permute_bench() { step permute_bench 150 python3 benchmarks/bench_permute.py --json "$OUT/permute_bench.json"; tail -n 20 "$OUT/permute_bench.log"; }
-run_host() { step host 120 python3 benchmarks/host_overhead.py; tail -n 12 "$OUT/host.log"; }
+run_layer() { step layer ${LAYER_SECS:-150} python3 benchmarks/bench_mixtral_layer.py --json "$OUT/layer.json" ${LAYER_ARGS:-}; tail -n 15 "$OUT/layer.log"; }
+run_qwen3_layer() { step qwen3_layer 90 python3 benchmarks/bench_mixtral_layer.py --qwen3-moe --json "$OUT/qwen3_layer.json"; tail -n 8 "$OUT/qwen3_layer.log"; }
+run_gputests() { step gputests ${GPUTESTS_SECS:-300} python3 -m pytest -q -p no:cacheprovider -m gpu -rfE tests; }
+run_bench1() {
+  step bench1 90 python3 -m moe_dispatch.bench --nproc 1 --tokens 128 4096 16384 --hidden 4096 --experts 8 --topk 2 \
+    --backends all_to_all+torch all_to_all+triton all_to_all+te all_to_all+capacity --out "$OUT/bench1.json"
+  sed -n '/^# moe_dispatch bench/,$p' "$OUT/bench1.log"
+}
+run_sweep() { step sweep 90 python3 benchmarks/sweep_fused_tiles.py --shapes mixtral:4096 --json "$OUT/sweep.json"; tail -n 30 "$OUT/sweep.log"; }
+run_shapes() {
+  step shapes 120 python3 benchmarks/bench_mixtral_layer.py --skip-layer --skip-hf --backends grouped_mm,fused \
+    --expert-shapes --shape-tokens 512,4096,16384 --warmup 2 --iters 5 --json "$OUT/shapes.json"
+  tail -n 32 "$OUT/shapes.log"
+}
+run_permute_bench() { step permute_bench 150 python3 benchmarks/bench_permute.py --json "$OUT/permute_bench.json" ${PERMUTE_BENCH_ARGS:-}; tail -n 20 "$OUT/permute_bench.log"; }
+run_host() { step host 120 python3 benchmarks/host_overhead.py --json "$OUT/host.json"; tail -n 25 "$OUT/host.log"; }
 run_nvlink_bench() { [ "$NGPU" -ge 2 ] && { step nvlink_bench 240 torchrun --standalone --nproc-per-node 2 benchmarks/bench_nvlink.py --json "$OUT/nvlink_bench.json" ${NVLINK_BENCH_ARGS:-}; tail -n 30 "$OUT/nvlink_bench.log"; }; }
 
 steps=${*:-info core permute models deepep nvlink modeldisp ep bench layer permute_bench nvlink_bench}

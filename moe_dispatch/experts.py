@@ -26,6 +26,9 @@ te          TransformerEngine ``GroupedLinear`` (FP8 / FP4 under  CUDA with TE i
             ``te.autocast``), fed views of the stacked weights    one host sync (m_splits)
 loop        one ``F.linear`` pair per expert (the reference)     any device and dtype; one
                                                                  host sync
+fused       Triton grouped GEMMs, SwiGLU fused into gate+up      CUDA (or CPU under
+            (:mod:`moe_dispatch.experts_fused`); SiLU only       ``TRITON_INTERPRET=1``);
+                                                                 bf16/fp16/fp32; no sync
 ==========  ===================================================  ===========================
 
 ``"auto"`` picks ``grouped_mm`` on CUDA for bf16 inputs when it can run there, else ``loop``
@@ -38,6 +41,7 @@ shard (``to_local()``, differentiable: the gradient comes back as a ``Shard(0)``
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +51,7 @@ from ._optional import import_transformer_engine  # re-exported: models import i
 
 __all__ = ["SwiGLUExperts", "EXPERT_BACKENDS", "ACTIVATIONS", "resolve_expert_backend", "import_transformer_engine"]
 
-EXPERT_BACKENDS = ("grouped_mm", "te", "loop")
+EXPERT_BACKENDS = ("grouped_mm", "te", "loop", "fused")
 
 
 def _gelu_tanh_formula(x: torch.Tensor) -> torch.Tensor:
@@ -96,6 +100,8 @@ def resolve_expert_backend(backend: str, x: torch.Tensor, hidden_size: int, inte
         return "grouped_mm" if _grouped_mm_why_unavailable(x, hidden_size, intermediate_size) is None else "loop"
     if backend not in EXPERT_BACKENDS:
         raise ValueError(f"expert backend must be one of {('auto',) + EXPERT_BACKENDS}, got {backend!r}")
+    if backend == "fused" and x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"expert backend 'fused' runs on CUDA (or on CPU under TRITON_INTERPRET=1); input is on {x.device}")
     if backend == "grouped_mm":
         why = _grouped_mm_why_unavailable(x, hidden_size, intermediate_size)
         if why is not None:
@@ -169,7 +175,7 @@ class SwiGLUExperts(nn.Module):
         num_experts: L, experts held by this module (the EP rank's local experts).
         hidden_size: H.
         intermediate_size: I.
-        backend: ``"auto" | "grouped_mm" | "te" | "loop"`` (see the module docstring). ``"te"``
+        backend: ``"auto" | "grouped_mm" | "te" | "loop" | "fused"`` (see the module docstring). ``"te"``
             builds TE modules now and raises ImportError without TransformerEngine.
         activation: gate activation, an HF ``hidden_act`` name in :data:`ACTIVATIONS`
             (default ``"silu"``: SwiGLU).
@@ -202,6 +208,8 @@ class SwiGLUExperts(nn.Module):
             raise ValueError(f"backend must be one of {('auto',) + EXPERT_BACKENDS}, got {backend!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)} (HF hidden_act names), got {activation!r}")
+        if backend == "fused" and activation not in ("silu", "swish"):
+            raise ValueError(f"backend 'fused' computes SwiGLU only (activation 'silu'), got activation={activation!r}")
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.backend, self.activation = backend, activation
         self.act = ACTIVATIONS[activation]
@@ -241,10 +249,28 @@ class SwiGLUExperts(nn.Module):
             self.backend, expert_input, self.hidden_size, self.intermediate_size)
         if backend == "grouped_mm":
             return self._forward_grouped_mm(expert_input, tokens_per_expert)
+        if backend == "fused":
+            from .experts_fused import fused_swiglu_experts  # lazy: imports triton
+            return fused_swiglu_experts(expert_input, tokens_per_expert, _local_weight(self.experts_gate_up_weight),
+                                        _local_weight(self.experts_down_weight))
         counts = [int(c) for c in tokens_per_expert.tolist()]  # host sync: per-expert row counts
         if backend == "te":
             return self._forward_te(expert_input, counts)
         return self._forward_loop(expert_input, counts)
+
+    def forward_tokens(self, hidden_states: torch.Tensor, selected_experts: torch.Tensor,
+                       routing_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Tokens to combined tokens in one pass on one rank, for the ``"fused"`` backend (rows read
+        through the routing index in the first GEMM, ``w * y`` added into the token rows in the
+        last): ``(out [N, H] in hidden_states' dtype, tokens_per_expert int64 [L])``. None for the
+        other backends (use a dispatcher). ``selected_experts`` int ``[N, K]`` in ``[-1, L)``,
+        ``routing_weights`` ``[N, K]``: see :func:`moe_dispatch.experts_fused.fused_moe_experts`."""
+        if self.backend != "fused":
+            return None
+        from .experts_fused import fused_moe_experts  # lazy: imports triton
+        return fused_moe_experts(hidden_states, selected_experts, routing_weights,
+                                 _local_weight(self.experts_gate_up_weight), _local_weight(self.experts_down_weight),
+                                 return_counts=True)
 
     # --- backends ---------------------------------------------------------------------------------
     def _forward_grouped_mm(self, x_RH: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:

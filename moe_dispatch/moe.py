@@ -112,6 +112,15 @@ class MoELayer(nn.Module):
             child._apply(_keep_dtype(fn, self.router_dtype) if child is self.router else fn)
         return super()._apply(fn, recurse=False)
 
+    def _fused_experts(self, x_NH, selected_experts_NK, routing_weights_NK):
+        """``(out [N, H], tokens_per_expert [L])`` when the dispatcher has one rank (``ep_size == 1``)
+        and the experts fuse the permute and the combine into their GEMMs (``forward_tokens``
+        returns non-None: the ``"fused"`` expert backend), else None (dispatch -> experts -> combine)."""
+        forward_tokens = getattr(self.experts, "forward_tokens", None)
+        if forward_tokens is None or getattr(self.dispatcher, "ep_size", None) != 1:
+            return None
+        return forward_tokens(x_NH, selected_experts_NK, routing_weights_NK)
+
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None, *,
                 need_load_stats: bool = False) -> MoEOutput:
         """Route every token to its top-k experts and sum their weighted outputs.
@@ -144,6 +153,12 @@ class MoELayer(nn.Module):
             router_logits_NE, load_stats = routed.logits, routed.load_stats
         else:
             selected_experts_NK, routing_weights_NK, aux_loss = self.router(router_input_NH)
+
+        fused = self._fused_experts(x_NH, selected_experts_NK, routing_weights_NK)
+        if fused is not None:  # one rank, experts that gather and combine by the routing themselves
+            out_NH, tokens_per_expert = fused
+            self.last_tokens_per_expert = tokens_per_expert.detach()
+            return MoEOutput(out_NH.view(input_shape), aux_loss, router_logits_NE, load_stats)
 
         # dispatch: rows grouped by local expert, [R, H]
         dispatched = self.dispatcher.dispatch(x_NH, selected_experts_NK, routing_weights_NK)
