@@ -352,7 +352,7 @@ def main(argv=None) -> int:
         del block, dispatched, rows_in
         torch.cuda.empty_cache()
 
-    if not args.no_graphed and "grouped_mm" in available_backends():
+    if not args.no_graphed and not args.skip_layer and "grouped_mm" in available_backends():
         rows += graphed_rows(config, hf_block, x, hf_out, args)
 
     hf_row = rows[0] if rows and rows[0]["name"] == "hf" else None
