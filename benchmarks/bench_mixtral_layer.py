@@ -163,8 +163,9 @@ EXPERT_SHAPES = {  # name: (hidden, ffn, experts, top-k)
 
 
 def expert_shape_rows(token_counts: list[int], backends: list[str], tflops: float, hbm_gbps: float,
-                      warmup: int, iters: int) -> list[dict]:
-    """Experts alone at each shape of ``EXPERT_SHAPES`` and each T: grouped_mm vs fused vs fused g+s."""
+                      warmup: int, iters: int, shapes: list[str] | None = None) -> list[dict]:
+    """Experts alone at each shape of ``EXPERT_SHAPES`` (or those named in ``shapes``) and each T:
+    grouped_mm vs fused vs fused g+s."""
     from moe_dispatch.experts import SwiGLUExperts
     from moe_dispatch.experts_fused import fused_moe_experts, routing_rows
 
@@ -172,6 +173,8 @@ def expert_shape_rows(token_counts: list[int], backends: list[str], tflops: floa
     print_shape_row(None, {})  # the header; each row is printed as soon as it is measured
     ref: dict = {}
     for shape, (H, I, E, K) in EXPERT_SHAPES.items():
+        if shapes and shape not in shapes:
+            continue
         with torch.device("cuda"):
             experts = SwiGLUExperts(E, H, I, backend="loop", dtype=torch.bfloat16)
         experts.reset_parameters(0.02)
@@ -274,6 +277,8 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-layer", action="store_true", help="time no layer rows (only --expert-shapes)")
     parser.add_argument("--expert-shapes", action="store_true", help="add the experts-alone rows per model shape")
     parser.add_argument("--shape-tokens", default="512,4096,16384", help="comma list of T for --expert-shapes")
+    parser.add_argument("--shape-names", default=None,
+                        help=f"comma list of the --expert-shapes to run (default: all of {list(EXPERT_SHAPES)})")
     parser.add_argument("--json", default=None, help="write results as JSON to this path ('-' for stdout)")
     parser.add_argument("--qwen3-moe", action="store_true",
                         help="the Qwen3-MoE shape instead (H 2048, 128 experts, top-8, moe_intermediate 768)")
@@ -390,7 +395,8 @@ def main(argv=None) -> int:
         print(f"\nexperts alone per model shape; bf16 matmul {tflops:.0f} TFLOP/s, HBM copy {hbm:.0f} GB/s; "
               "bound = max(FLOPs / matmul, weight bytes / HBM)")
         shape_rows = expert_shape_rows([int(t) for t in args.shape_tokens.split(",")], backends, tflops, hbm,
-                                       args.warmup, args.iters)
+                                       args.warmup, args.iters,
+                                       args.shape_names.split(",") if args.shape_names else None)
         result["hbm_gbps"], result["expert_shapes"] = hbm, shape_rows
     if args.json:
         text = json.dumps(result, indent=2)

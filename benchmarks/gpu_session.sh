@@ -60,7 +60,7 @@ run_bench1() {
 }
 run_sweep() { step sweep 90 python3 benchmarks/sweep_fused_tiles.py --shapes mixtral:4096 --json "$OUT/sweep.json"; tail -n 30 "$OUT/sweep.log"; }
 run_shapes() {
-  step shapes 120 python3 benchmarks/bench_mixtral_layer.py --skip-layer --skip-hf --backends grouped_mm,fused \
+  step shapes ${SHAPES_SECS:-120} python3 benchmarks/bench_mixtral_layer.py --skip-layer --skip-hf --backends grouped_mm,fused ${SHAPES_ARGS:-} \
     --expert-shapes --shape-tokens 512,4096,16384 --warmup 2 --iters 5 --json "$OUT/shapes.json"
   tail -n 32 "$OUT/shapes.log"
 }

@@ -467,7 +467,9 @@ def permute(
 
     exact_rows = num_out_rows is None
     if exact_rows:
-        num_out_rows = int(meta[num_experts])  # host sync: the output size depends on the routing
+        # Launch on the largest size the routing can need and read the exact one after: the host
+        # sync then waits for work already queued instead of stalling between two launches.
+        num_out_rows = num_slots + (num_experts * (align_size - 1) if align_size > 1 else 0)
     if hidden > 0 and tokens.stride(1) != 1:
         tokens = tokens.contiguous()
     permuted = torch.empty(num_out_rows, hidden, dtype=tokens.dtype, device=device)
@@ -482,6 +484,10 @@ def permute(
             permuted if permuted_probs is None else permuted_probs, row_id_map,
             topk, num_experts, hidden, num_out_rows, n_pad, n_tail,
         ), plan["permute"], plan["permute_warps"])
+    if exact_rows:
+        rows = int(meta[num_experts])  # host sync: the output size depends on the routing
+        permuted = permuted[:rows]
+        permuted_probs = None if permuted_probs is None else permuted_probs[:rows]
     return permuted, permuted_probs, row_id_map
 
 
