@@ -53,6 +53,16 @@ def _routing(n, k, e, kind, seed, device):
     return se.to(device)
 
 
+def _inputs(n, k, e, h, kind, seed, device, dtype=torch.float32):
+    """``(selected_experts, generator, x [n, h], probs [n, k])``: :func:`_routing` from ``seed``, the
+    tensors from the generator seeded ``seed + 1`` (returned, for more tensors from the same stream)."""
+    se = _routing(n, k, e, kind, seed, device)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(n, h, generator=g).to(device, dtype)
+    probs = torch.rand(n, k, generator=g).to(device)
+    return se, g, x, probs
+
+
 def _num_out_rows(se, e, align, mode):
     needed = reference.make_row_id_map(se.cpu(), e, align, None)[1]
     return {None: None, "exact": needed, "more": needed + 37, "fewer": needed // 2, "zero": 0}[mode]
@@ -66,15 +76,12 @@ def _used_rows(row_id_map, num_rows):
 
 def _check(n, k, e, h, kind, align, rows_mode, device, seed=0, dtype=torch.float32):
     """Forward and backward of both ops against the reference, with random inputs and grads."""
-    se = _routing(n, k, e, kind, seed, device)
+    se, g, x, probs = _inputs(n, k, e, h, kind, seed, device, dtype)
+    w = torch.rand(n, k, generator=g).to(device)
     num_out_rows = _num_out_rows(se, e, align, rows_mode)
     # fp32: torch.testing's default fp32 tolerances. bf16: the reference accumulates the token
     # gradient in bf16 (index_add), this backend in fp32 with one rounding: allow a few bf16 ulps.
     tol = {} if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
-    g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(n, h, generator=g).to(device, dtype)
-    probs = torch.rand(n, k, generator=g).to(device)
-    w = torch.rand(n, k, generator=g).to(device)
 
     leaves, outs = {}, {}
     for name, mod in (("ref", reference), ("tri", tb)):
@@ -217,10 +224,7 @@ def test_int64_offsets_large_row_stride(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_public_api_backend_triton(device):
-    se = _routing(21, 3, 9, "drops", 11, device)
-    g = torch.Generator().manual_seed(12)
-    x = torch.randn(21, 17, generator=g).to(device)
-    p = torch.rand(21, 3, generator=g).to(device)
+    se, _, x, p = _inputs(21, 3, 9, 17, "drops", 11, device)
     for align, rows in ((1, None), (16, 200)):
         ref = api_permute_with_probs(x, p, se, 9, backend="torch", align_size=align, num_out_rows=rows)
         got = api_permute_with_probs(x, p, se, 9, backend="triton", align_size=align, num_out_rows=rows)
@@ -237,10 +241,8 @@ def test_custom_ops_opcheck(device):
     """Schemas, fake (meta) kernels and autograd registration of the custom ops."""
     from torch.library import opcheck
 
-    se = _routing(6, 2, 5, "drops", 3, device)
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(6, 8, generator=g).to(device).requires_grad_()
-    p = torch.rand(6, 2, generator=g).to(device).requires_grad_()
+    se, g, x, p = _inputs(6, 2, 5, 8, "drops", 3, device)
+    x, p = x.requires_grad_(), p.requires_grad_()
     ops = torch.ops.moe_dispatch
     opcheck(ops.triton_permute.default, (x, se, p, 5, 4, 30))
     quick = ("test_schema", "test_faketensor")
@@ -253,10 +255,7 @@ def test_custom_ops_opcheck(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph(device):
-    se = _routing(10, 2, 6, "topk", 8, device)
-    g = torch.Generator().manual_seed(9)
-    x = torch.randn(10, 16, generator=g).to(device)
-    w = torch.rand(10, 2, generator=g).to(device)
+    se, _, x, w = _inputs(10, 2, 6, 16, "topk", 8, device)
 
     def f(x, w):
         permuted, _, row_id_map = tb.permute(x, se, 6, None, 16, 128)

@@ -8,25 +8,25 @@ vs one process, DCP round trip, ``save_final_model_ep`` -> ``from_pretrained`` -
 tolerances.
 
 Starting a rank costs seconds (torch + transformers imports), so each world size runs all of its
-checks in one set of processes, once per session (``results``), and each test asserts on its
-check's per-rank metrics (or shows the rank's traceback).
+checks in one set of processes, once per session (``harness.RankChecks``), and each test asserts
+on its check's per-rank metrics (or shows the rank's traceback).
 """
 from __future__ import annotations
 
 import copy
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from tests.distributed import mixtral_ep_equivalence as eq
-from tests.distributed.harness import run_ranks
+from tests.distributed.harness import RankChecks, worst
+
+from .ep_checks import FP32_ATOL, assert_dcp_round_trip_bitwise, assert_fsdp_step_matches, assert_save_final_model_loads
 
 pytestmark = pytest.mark.distributed
 
 CPU = torch.device("cpu")
-FP32_ATOL = 1e-5
 BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_local_experts=8,
             max_position_embeddings=64, pad_token_id=0, expert_backend="loop", attn_backend="sdpa",
             permute_backend="torch")
@@ -156,38 +156,7 @@ WORLD_CHECKS = {
     4: ["ep-gqa-top2-aux", "ep-mha-top1", "ep-gqa-top2-aux-padded", "fsdp", "fsdp-flat-dense"],
 }
 
-
-def _run_checks(rank, world, names, workdir):
-    results = {}
-    for name in names:
-        try:
-            results[name] = ("ok", CHECKS[name](rank, world, workdir))
-        except Exception:  # noqa: BLE001 - reported by the test that owns the check
-            results[name] = ("error", traceback.format_exc())
-    return results
-
-
-_CACHE: dict[int, list] = {}
-
-
-def results(world: int, tmp_path_factory) -> list[dict]:
-    """Per-rank ``{check: (status, payload)}`` for ``world`` ranks (run once per session)."""
-    if world not in _CACHE:
-        workdir = str(tmp_path_factory.mktemp(f"mixtral_ep_{world}"))
-        _CACHE[world] = run_ranks(_run_checks, world, WORLD_CHECKS[world], workdir, timeout=150)
-    return _CACHE[world]
-
-
-def metrics(world: int, check: str, tmp_path_factory) -> list[dict]:
-    per_rank = [r[check] for r in results(world, tmp_path_factory)]
-    errors = [f"rank {r}:\n{payload}" for r, (status, payload) in enumerate(per_rank) if status == "error"]
-    if errors:
-        pytest.fail("\n".join(errors), pytrace=False)
-    return [payload for _, payload in per_rank]
-
-
-def worst(per_rank: list[dict], key: str) -> float:
-    return max(m[key] for m in per_rank)
+metrics = RankChecks(__name__, WORLD_CHECKS).metrics  # (world, check, tmp_path_factory) -> per-rank metrics
 
 
 # --- tests -------------------------------------------------------------------------------------------
@@ -212,38 +181,20 @@ def test_ep_router_loss_leaves_padding_out_over_the_group(world, tmp_path_factor
 
 @pytest.mark.parametrize("world", [2, 4], ids=["dp2-ep1", "dp2-ep2"])
 def test_fsdp2_adamw_step_matches_single_process(world, tmp_path_factory):
-    per_rank = metrics(world, "fsdp", tmp_path_factory)
-    assert worst(per_rank, "grads_abs") <= 1e-6, per_rank
-    assert worst(per_rank, "grad_norm_abs") <= FP32_ATOL, per_rank  # clip_grad_norm_ep_ on FSDP + EP grads
-    assert worst(per_rank, "clipped_grads_abs") <= 1e-6, per_rank
-    assert worst(per_rank, "weights_abs") <= 1e-6, per_rank
-    assert worst(per_rank, "update_rel") <= 1e-4, per_rank
-    assert worst(per_rank, "load_after_fully_shard_mismatches") == 0
+    assert_fsdp_step_matches(metrics(world, "fsdp", tmp_path_factory), clipping=True, update=True)
 
 
 def test_fsdp2_torchtitan_layout_dense_over_dp_x_ep(tmp_path_factory):
     """Experts sharded over dp, dense weights over the flattened (dp, ep) mesh (dp=2 x ep=2)."""
-    per_rank = metrics(4, "fsdp-flat-dense", tmp_path_factory)
-    assert worst(per_rank, "grads_abs") <= 1e-6, per_rank
-    assert worst(per_rank, "grad_norm_abs") <= FP32_ATOL, per_rank
-    assert worst(per_rank, "clipped_grads_abs") <= 1e-6, per_rank
-    assert worst(per_rank, "weights_abs") <= 1e-6, per_rank
-    assert worst(per_rank, "load_after_fully_shard_mismatches") == 0
+    assert_fsdp_step_matches(metrics(4, "fsdp-flat-dense", tmp_path_factory), clipping=True, update=False)
 
 
 def test_dcp_round_trip_is_bitwise(tmp_path_factory):
-    per_rank = metrics(2, "dcp", tmp_path_factory)
-    assert all(m["mismatched_tensors"] == 0 for m in per_rank), per_rank
-    assert worst(per_rank, "logits_abs") == 0.0
+    assert_dcp_round_trip_bitwise(metrics(2, "dcp", tmp_path_factory))
 
 
 def test_save_final_model_ep_loads_at_ep1_and_converts_to_hf(tmp_path_factory):
-    per_rank = metrics(2, "save_final", tmp_path_factory)
-    assert all(m["mismatched_tensors"] == 0 for m in per_rank), per_rank
-    assert all(m["saved_ep_size"] == 1 for m in per_rank)
-    assert per_rank[0]["files"] == ["config.json", "model.safetensors"]
-    assert worst(per_rank, "logits_abs") <= FP32_ATOL
-    assert worst(per_rank, "hf_logits_abs") <= FP32_ATOL
+    assert_save_final_model_loads(metrics(2, "save_final", tmp_path_factory), "MixtralForCausalLM")
 
 
 def test_full_state_dict_loads_into_ep_model(tmp_path_factory):

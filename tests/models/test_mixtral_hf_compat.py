@@ -16,7 +16,8 @@ from transformers import MixtralConfig, MixtralForCausalLM
 from moe_dispatch.models._cache import CACHE_FIELD
 from moe_dispatch.models.mixtral import NVMixtralConfig, NVMixtralForCausalLM, convert_mixtral_hf_to_te
 
-VOCAB = 96
+from .hf_checks import (VOCAB, assert_cache_under_both_names, assert_generate_equals_hf, assert_padded_loss_equals_hf,
+                        prompts, randomize_weights_)
 
 CONFIGS = {
     "gqa-top2": dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
@@ -33,26 +34,7 @@ def hf_model(name: str, seed: int, num_hidden_layers: int = 2, **overrides) -> M
                   bos_token_id=1, eos_token_id=2, attn_implementation="eager", **CONFIGS[name])
     fields.update(overrides)
     torch.manual_seed(seed)
-    model = MixtralForCausalLM(MixtralConfig(**fields)).eval()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.15)
-    return model
-
-
-def prompts(batch: int, seq: int, seed: int, left_pad: bool):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
-    mask = torch.ones_like(ids)
-    if left_pad:
-        for b in range(1, batch):
-            pad = min(seq - 1, 2 * b)
-            ids[b, :pad] = 0
-            mask[b, :pad] = 0
-    return ids, mask
+    return randomize_weights_(MixtralForCausalLM(MixtralConfig(**fields)).eval())
 
 
 # --- KV cache conventions and generate ------------------------------------------------------------
@@ -62,12 +44,8 @@ def prompts(batch: int, seq: int, seed: int, left_pad: bool):
 def test_greedy_generate_left_padded_batch_equals_hf(name, seed, use_cache):
     model_hf = hf_model(name, seed)
     model_nv = convert_mixtral_hf_to_te(model_hf).eval()
-    ids, mask = prompts(3, 7, seed, left_pad=True)
-    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, use_cache=use_cache, pad_token_id=0)
-    ref = model_hf.generate(ids, **kw)
-    out = model_nv.generate(ids, **kw)
-    assert torch.equal(out, ref), (f"greedy generate (use_cache={use_cache}) differs from transformers' "
-                                   f"MixtralForCausalLM.generate:\n{out}\n{ref}")
+    assert_generate_equals_hf(model_hf, model_nv, f"greedy generate (use_cache={use_cache})", seq=7, seed=seed,
+                              max_new_tokens=8, use_cache=use_cache)
 
 
 @pytest.mark.parametrize("name", ["gqa-top2", "window-top1"])
@@ -75,12 +53,8 @@ def test_greedy_generate_left_padded_batch_equals_hf(name, seed, use_cache):
 def test_beam_search_equals_hf(name, use_cache):
     model_hf = hf_model(name, seed=3)
     model_nv = convert_mixtral_hf_to_te(model_hf).eval()
-    ids, mask = prompts(3, 6, 3, left_pad=True)
-    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, num_beams=3, use_cache=use_cache,
-              pad_token_id=0)
-    ref = model_hf.generate(ids, **kw)
-    out = model_nv.generate(ids, **kw)
-    assert torch.equal(out, ref), f"beam search (num_beams=3, use_cache={use_cache}) differs from HF:\n{out}\n{ref}"
+    assert_generate_equals_hf(model_hf, model_nv, f"beam search (num_beams=3, use_cache={use_cache})", seq=6, seed=3,
+                              max_new_tokens=6, num_beams=3, use_cache=use_cache)
 
 
 @pytest.mark.parametrize("name", ["gqa-top2", "window-top1"])
@@ -89,11 +63,8 @@ def test_static_cache_generate_equals_hf(name):
     on transformers >= 5.24, generate's 4-D mask hook (``create_masks_for_generate``)."""
     model_hf = hf_model(name, seed=4)
     model_nv = convert_mixtral_hf_to_te(model_hf).eval()
-    ids, mask = prompts(3, 6, 4, left_pad=True)
-    kw = dict(attention_mask=mask, max_new_tokens=7, do_sample=False, pad_token_id=0)
-    ref = model_hf.generate(ids, **kw)  # dynamic cache: the reference tokens
-    out = model_nv.generate(ids, cache_implementation="static", **kw)
-    assert torch.equal(out, ref), f"generate(cache_implementation='static') differs from HF:\n{out}\n{ref}"
+    assert_generate_equals_hf(model_hf, model_nv, "generate(cache_implementation='static')", seq=6, seed=4,
+                              nv_only=dict(cache_implementation="static"), max_new_tokens=7)
 
 
 def test_forward_takes_the_cache_under_both_names_and_returns_it():
@@ -101,14 +72,7 @@ def test_forward_takes_the_cache_under_both_names_and_returns_it():
 
     model_nv = convert_mixtral_hf_to_te(hf_model("gqa-top2", seed=5)).eval()
     ids, _ = prompts(2, 6, 5, left_pad=False)
-    full = model_nv(ids, use_cache=False).logits
-    for name in ("cache", "past_key_values"):
-        cache = DynamicCache(config=model_nv.config)
-        first = model_nv(ids[:, :4], **{name: cache})
-        assert first[CACHE_FIELD] is cache, f"the cache passed as {name}= must come back as output.{CACHE_FIELD}"
-        step = model_nv(ids[:, 4:], **{name: cache})
-        torch.testing.assert_close(step.logits, full[:, 4:], atol=1e-5, rtol=0,
-                                   msg=lambda m: f"cached decoding with {name}= differs from a full forward: {m}")
+    assert_cache_under_both_names(model_nv, ids)
     with pytest.raises(ValueError, match="KV cache once"):
         model_nv(ids, cache=DynamicCache(config=model_nv.config), past_key_values=DynamicCache(config=model_nv.config))
 
@@ -145,25 +109,8 @@ def test_loss_with_router_logits_equals_hf(layers, padding, seed):
                         router_aux_loss_coef=0.05)
     model_nv = convert_mixtral_hf_to_te(model_hf).eval()
     assert model_nv.config.moe_aux_loss_type == "global" and model_nv.config.moe_aux_loss_coeff == 0.05
-    ids, mask = prompts(3, 9, seed, left_pad=padding == "left")
-    if padding == "right":
-        mask[1, 6:] = 0
-        mask[2, 4:] = 0
-    labels = ids.masked_fill(mask == 0, -100)
-    with torch.no_grad():
-        out_hf = model_hf(ids, attention_mask=mask, labels=labels)
-        out_nv = model_nv(ids, attention_mask=mask, labels=labels)
-    keep = mask.bool()
-    torch.testing.assert_close(out_nv.logits[keep], out_hf.logits[keep], atol=1e-5, rtol=0,
-                               msg=lambda m: f"logits of real tokens differ from HF's (padding={padding}): {m}")
-    torch.testing.assert_close(out_nv.aux_loss, 0.05 * out_hf.aux_loss, atol=1e-6, rtol=1e-5,
-                               msg=lambda m: f"router loss differs from HF's load_balancing_loss_func: {m}")
-    torch.testing.assert_close(out_nv.loss, out_hf.loss, atol=1e-5, rtol=0,
-                               msg=lambda m: f"loss (LM + router_aux_loss_coef * aux) differs from HF's: {m}")
+    out_nv, out_hf = assert_padded_loss_equals_hf(model_hf, model_nv, padding, seed, 0.05)
     assert len(out_nv.router_logits) == len(out_hf.router_logits) == layers
-    for ours, theirs in zip(out_nv.router_logits, out_hf.router_logits):
-        assert ours.shape == theirs.shape, f"router_logits shape {ours.shape} != HF's {theirs.shape}"
-        torch.testing.assert_close(ours, theirs.float(), atol=1e-5, rtol=0)
 
 
 def test_output_router_logits_at_call_time_switches_hfs_loss_on():

@@ -24,6 +24,7 @@ from moe_dispatch.models.mixtral import (
 from moe_dispatch.models.mixtral.convert import nv_config_from_hf
 
 from .dispatchers import dispatcher_params
+from .hf_checks import assert_same_grads, assert_same_logits_and_grads
 
 VOCAB = 128
 
@@ -272,15 +273,7 @@ def test_every_dispatcher_gives_same_logits_and_grads(make_dispatcher):
     model.load_state_dict(reference.state_dict())
     assert model.dispatcher is not reference.dispatcher
     assert all(layer.mlp.dispatcher is model.dispatcher for layer in model.model.layers)
-    input_ids = tokens(2, 5)
-    out_ref = reference(input_ids, labels=input_ids)
-    out = model(input_ids, labels=input_ids)
-    torch.testing.assert_close(out.logits, out_ref.logits, atol=1e-6, rtol=0)
-    out_ref.loss.backward()
-    out.loss.backward()
-    grads_ref = dict(reference.named_parameters())
-    for name, param in model.named_parameters():
-        torch.testing.assert_close(param.grad, grads_ref[name].grad, atol=1e-6, rtol=0, msg=name)
+    assert_same_logits_and_grads(model, reference, tokens(2, 5))
 
 
 def test_last_tokens_per_expert_records_the_load():
@@ -363,9 +356,7 @@ def test_gradient_checkpointing_gives_same_grads():
     input_ids = tokens(2, 6)
     model(input_ids, labels=input_ids, use_cache=False).loss.backward()
     checkpointed(input_ids, labels=input_ids, use_cache=False).loss.backward()
-    grads = dict(model.named_parameters())
-    for name, param in checkpointed.named_parameters():
-        torch.testing.assert_close(param.grad, grads[name].grad, atol=1e-6, rtol=0, msg=name)
+    assert_same_grads(checkpointed, model)
 
 
 # --- config validation ---------------------------------------------------------------------------------

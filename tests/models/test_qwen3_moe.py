@@ -12,15 +12,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from moe_dispatch.models._cache import CACHE_FIELD
 from moe_dispatch.models.qwen3_moe import (NVQwen3MoeConfig, NVQwen3MoeForCausalLM, NVQwen3MoeMLP,
                                            NVQwen3MoeSparseMoeBlock, convert_qwen3_moe_hf_to_te,
                                            convert_qwen3_moe_te_to_hf, hf_state_dict_to_te)
 
 from .dispatchers import dispatcher_params
-from .hf_checks import assert_loss_and_router_logits_equal_hf
-
-VOCAB = 96
+from .hf_checks import (VOCAB, assert_cache_under_both_names, assert_generate_equals_hf, assert_padded_loss_equals_hf,
+                        assert_same_logits_and_grads, prompts, randomize_weights_)
 
 # GQA with explicit head_dim != hidden / heads, top-3 of 8 renormalised, a dense layer in the
 # middle (mlp_only_layers); MHA, top-2 of 6 not renormalised, every second layer sparse
@@ -41,26 +39,7 @@ def hf_model(name: str = "gqa-top3-dense1", seed: int = 0, num_hidden_layers: in
                   bos_token_id=1, eos_token_id=2, attn_implementation="eager", **CONFIGS[name])
     fields.update(overrides)
     torch.manual_seed(seed)
-    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**fields)).eval()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname.endswith("norm.weight"):  # layer norms and q/k norms
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.15)
-    return model
-
-
-def prompts(batch: int, seq: int, seed: int, left_pad: bool = False):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
-    mask = torch.ones_like(ids)
-    if left_pad:
-        for b in range(1, batch):
-            pad = min(seq - 1, 2 * b)
-            ids[b, :pad] = 0
-            mask[b, :pad] = 0
-    return ids, mask
+    return randomize_weights_(Qwen3MoeForCausalLM(Qwen3MoeConfig(**fields)).eval())  # q/k norms too
 
 
 # --- golden ------------------------------------------------------------------------------------------
@@ -81,18 +60,7 @@ def test_golden_logits_loss_and_router_loss(name, padding, seed):
     model_hf = hf_model(name, seed, output_router_logits=True, router_aux_loss_coef=0.05)
     model_nv = convert_qwen3_moe_hf_to_te(model_hf).eval()
     assert model_nv.config.moe_aux_loss_type == "global" and model_nv.config.moe_aux_loss_coeff == 0.05
-    ids, mask = prompts(3, 9, seed, left_pad=padding == "left")
-    if padding == "right":
-        mask[1, 6:] = 0
-        mask[2, 4:] = 0
-    labels = ids.masked_fill(mask == 0, -100)
-    with torch.no_grad():
-        out_hf = model_hf(ids, attention_mask=mask, labels=labels)
-        out_nv = model_nv(ids, attention_mask=mask, labels=labels)
-    real = mask.bool()  # padded rows of HF's eager attention are arbitrary
-    torch.testing.assert_close(out_nv.logits[real], out_hf.logits[real], atol=1e-5, rtol=0,
-                               msg=lambda m: f"logits differ from Qwen3MoeForCausalLM's: {m}")
-    assert_loss_and_router_logits_equal_hf(out_nv, out_hf, 0.05)
+    assert_padded_loss_equals_hf(model_hf, model_nv, padding, seed, 0.05)
 
 
 def test_sdpa_and_no_router_logits_golden():
@@ -167,37 +135,22 @@ def test_save_pretrained_from_pretrained_round_trip(tmp_path):
 def test_greedy_generate_left_padded_batch_equals_hf(name, use_cache):
     model_hf = hf_model(name, seed=6)
     model_nv = convert_qwen3_moe_hf_to_te(model_hf).eval()
-    ids, mask = prompts(3, 7, 6, left_pad=True)
-    kw = dict(attention_mask=mask, max_new_tokens=7, do_sample=False, use_cache=use_cache, pad_token_id=0)
-    ref = model_hf.generate(ids, **kw)
-    out = model_nv.generate(ids, **kw)
-    assert torch.equal(out, ref), (f"greedy generate (use_cache={use_cache}) differs from transformers' "
-                                   f"Qwen3MoeForCausalLM.generate:\n{out}\n{ref}")
+    assert_generate_equals_hf(model_hf, model_nv, f"greedy generate (use_cache={use_cache})", seq=7, seed=6,
+                              max_new_tokens=7, use_cache=use_cache)
 
 
 def test_static_cache_generate_equals_hf():
     model_hf = hf_model("gqa-top3-dense1", seed=7)
     model_nv = convert_qwen3_moe_hf_to_te(model_hf).eval()
-    ids, mask = prompts(3, 6, 7, left_pad=True)
-    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    ref = model_hf.generate(ids, **kw)
-    out = model_nv.generate(ids, cache_implementation="static", **kw)
-    assert torch.equal(out, ref), f"generate(cache_implementation='static') differs from HF:\n{out}\n{ref}"
+    assert_generate_equals_hf(model_hf, model_nv, "generate(cache_implementation='static')", seq=6, seed=7,
+                              nv_only=dict(cache_implementation="static"), max_new_tokens=6)
 
 
 def test_forward_takes_the_cache_under_both_names():
-    from transformers.cache_utils import DynamicCache
-
     model_nv = convert_qwen3_moe_hf_to_te(hf_model("gqa-top3-dense1", seed=8)).eval()
     ids, _ = prompts(2, 6, 8)
     with torch.no_grad():
-        full = model_nv(ids, use_cache=False).logits
-        for name in ("cache", "past_key_values"):
-            cache = DynamicCache(config=model_nv.config)
-            first = model_nv(ids[:, :4], **{name: cache})
-            assert first[CACHE_FIELD] is cache, f"the cache passed as {name}= must come back as output.{CACHE_FIELD}"
-            step = model_nv(ids[:, 4:], **{name: cache})
-            torch.testing.assert_close(step.logits, full[:, 4:], atol=1e-5, rtol=0)
+        assert_cache_under_both_names(model_nv, ids)
 
 
 # --- THD, dispatchers ---------------------------------------------------------------------------------------
@@ -224,13 +177,7 @@ def test_every_dispatcher_gives_same_logits_and_grads(make_dispatcher):
     model = NVQwen3MoeForCausalLM(config, dispatcher=make_dispatcher(config)).train()
     model.load_state_dict(reference.state_dict())
     ids, _ = prompts(2, 5, 10)
-    out_ref, out = reference(ids, labels=ids), model(ids, labels=ids)
-    torch.testing.assert_close(out.logits, out_ref.logits, atol=1e-6, rtol=0)
-    out_ref.loss.backward()
-    out.loss.backward()
-    grads_ref = dict(reference.named_parameters())
-    for name, param in model.named_parameters():
-        torch.testing.assert_close(param.grad, grads_ref[name].grad, atol=1e-6, rtol=0, msg=name)
+    assert_same_logits_and_grads(model, reference, ids)
 
 
 # --- config ---------------------------------------------------------------------------------------------------
