@@ -95,6 +95,34 @@ def _fp32_router(router):
     return forward
 
 
+def hf_block_and_input(block_cls, hf_config, T: int, H: int):
+    """transformers' MoE block (bf16 on CUDA, weights ~ N(0, 0.02)) and a ``[1, T, H]`` input."""
+    torch.manual_seed(0)
+    hf_block = block_cls(hf_config).to(device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in hf_block.parameters():
+            p.normal_(0.0, 0.02)
+    return hf_block, torch.randn(1, T, H, device="cuda", dtype=torch.bfloat16)
+
+
+def gemm_bound(T: int, K: int, H: int, I: int, tflops: float) -> dict:
+    """ms of the three expert GEMMs (gate, up, down) at ``tflops``: forward, and forward+backward (3x)."""
+    fwd_flops = 3 * 2 * T * K * H * I
+    return {"fwd": fwd_flops / (tflops * 1e12) * 1e3, "fwd_bwd": 3 * fwd_flops / (tflops * 1e12) * 1e3}
+
+
+def write_json(path: str | None, result: dict) -> None:
+    """``result`` as JSON to ``path`` (``"-"``: stdout; None: nowhere)."""
+    if path is None:
+        return
+    text = json.dumps(result, indent=2)
+    if path == "-":
+        print(text)
+    else:
+        with open(path, "w") as f:
+            f.write(text + "\n")
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -299,16 +327,9 @@ def main(argv=None) -> int:
 
     T, H, I, E, K = args.tokens, args.hidden, args.ffn, args.experts, args.topk
     fields = dict(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=K, num_hidden_layers=1)
-    torch.manual_seed(0)
-    hf_block = MixtralSparseMoeBlock(MixtralConfig(**fields)).to(device="cuda", dtype=torch.bfloat16)
-    with torch.no_grad():
-        for p in hf_block.parameters():
-            p.normal_(0.0, 0.02)
-    x = torch.randn(1, T, H, device="cuda", dtype=torch.bfloat16)
-
+    hf_block, x = hf_block_and_input(MixtralSparseMoeBlock, MixtralConfig(**fields), T, H)
     tflops = matmul_tflops(args.warmup, args.iters)
-    fwd_flops = 3 * 2 * T * K * H * I
-    bound = {"fwd": fwd_flops / (tflops * 1e12) * 1e3, "fwd_bwd": 3 * fwd_flops / (tflops * 1e12) * 1e3}
+    bound = gemm_bound(T, K, H, I, tflops)
 
     # Reference output: HF's block with its router in fp32 like ours (HF's bf16 router logits
     # flip near-tied top-k choices, which says nothing about the rest of the layer).
@@ -398,13 +419,7 @@ def main(argv=None) -> int:
                                        args.warmup, args.iters,
                                        args.shape_names.split(",") if args.shape_names else None)
         result["hbm_gbps"], result["expert_shapes"] = hbm, shape_rows
-    if args.json:
-        text = json.dumps(result, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
+    write_json(args.json, result)
     return 0
 
 
@@ -423,15 +438,9 @@ def bench_qwen3_moe(args) -> int:
     T, H, I, E, K = args.tokens, 2048, 768, 128, 8
     fields = dict(hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K, norm_topk_prob=True,
                   num_hidden_layers=1)
-    torch.manual_seed(0)
-    hf_block = Qwen3MoeSparseMoeBlock(Qwen3MoeConfig(**fields)).to(device="cuda", dtype=torch.bfloat16)
-    with torch.no_grad():
-        for p in hf_block.parameters():
-            p.normal_(0.0, 0.02)
-    x = torch.randn(1, T, H, device="cuda", dtype=torch.bfloat16)
+    hf_block, x = hf_block_and_input(Qwen3MoeSparseMoeBlock, Qwen3MoeConfig(**fields), T, H)
     tflops = matmul_tflops(args.warmup, args.iters)
-    fwd_flops = 3 * 2 * T * K * H * I
-    bound = {"fwd": fwd_flops / (tflops * 1e12) * 1e3, "fwd_bwd": 3 * fwd_flops / (tflops * 1e12) * 1e3}
+    bound = gemm_bound(T, K, H, I, tflops)
 
     shipped = hf_block.gate.forward
     hf_block.gate.forward = _fp32_router(hf_block.gate)  # the reference routes in fp32, as ours
@@ -474,17 +483,11 @@ def bench_qwen3_moe(args) -> int:
               f"{row.get('fwd_speedup_vs_hf', float('nan')):.2f}x hf)  fwd+bwd {row['fwd_bwd_ms']:8.2f} ms "
               f"({row['fwd_bwd_vs_bound']:.2f}x bound, {row.get('fwd_bwd_speedup_vs_hf', float('nan')):.2f}x hf)  "
               f"rel err {row['rel_err_vs_hf']:.1e}  peak {row['peak_gb']:.2f} GB")
-    if args.json:
-        text = json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    write_json(args.json, {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                            "transformers": transformers.__version__, "model": "qwen3_moe",
                            "shape": {"tokens": T, "hidden": H, "moe_intermediate": I, "experts": E, "top_k": K,
                                      "dtype": "bf16"},
-                           "matmul_tflops": tflops, "bound_ms": bound, "rows": rows}, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
+                           "matmul_tflops": tflops, "bound_ms": bound, "rows": rows})
     return 0
 
 

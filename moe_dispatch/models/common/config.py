@@ -56,6 +56,12 @@ class NVMoEConfigFields:
             TransformerEngine is installed.
     """
 
+    # HF's tensor / pipeline / expert parallel plans name HF's modules; ours are laid out
+    # differently (class attributes, not dataclass fields: this mixin comes first in the bases).
+    base_model_tp_plan = None
+    base_model_pp_plan = None
+    base_model_ep_plan = None
+
     experts_field = "num_local_experts"  # a class attribute, not a field
 
     expert_parallel_size: int = 1

@@ -26,10 +26,6 @@ class NVMixtralConfig(NVMoEConfigFields, MixtralConfig):
 
     model_type = "nv_mixtral"
     experts_field = "num_local_experts"
-    # HF's tensor / pipeline / expert parallel plans name HF's modules; ours are laid out differently.
-    base_model_tp_plan = None
-    base_model_pp_plan = None
-    base_model_ep_plan = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -23,10 +23,6 @@ class NVQwen3MoeConfig(NVMoEConfigFields, Qwen3MoeConfig):
 
     model_type = "nv_qwen3_moe"
     experts_field = "num_experts"
-    # HF's tensor / pipeline / expert parallel plans name HF's modules; ours are laid out differently.
-    base_model_tp_plan = None
-    base_model_pp_plan = None
-    base_model_ep_plan = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
