@@ -85,6 +85,15 @@ class NVMoEConfigFields:
         """``E // expert_parallel_size``: experts each EP rank holds."""
         return self.num_routed_experts // self.expert_parallel_size
 
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.check_model_fields()
+        self.check_nv_fields()
+
+    def check_model_fields(self) -> None:
+        """A model's own field checks (override it); runs before :meth:`check_nv_fields`.
+        Raises ValueError naming the field on a bad value."""
+
     def check_nv_fields(self) -> None:
         """Raises ValueError naming the field on a bad value."""
         ep, experts = self.expert_parallel_size, self.num_routed_experts

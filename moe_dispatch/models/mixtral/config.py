@@ -26,7 +26,3 @@ class NVMixtralConfig(NVMoEConfigFields, MixtralConfig):
 
     model_type = "nv_mixtral"
     experts_field = "num_local_experts"
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        self.check_nv_fields()

@@ -24,8 +24,7 @@ class NVQwen3MoeConfig(NVMoEConfigFields, Qwen3MoeConfig):
     model_type = "nv_qwen3_moe"
     experts_field = "num_experts"
 
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
+    def check_model_fields(self) -> None:
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
             raise ValueError(f"num_experts must be a positive int (dense-only Qwen3 is Qwen3ForCausalLM), "
                              f"got {self.num_experts!r}")
@@ -34,7 +33,6 @@ class NVQwen3MoeConfig(NVMoEConfigFields, Qwen3MoeConfig):
         bad = [i for i in self.mlp_only_layers if not isinstance(i, int) or not 0 <= i < self.num_hidden_layers]
         if bad:
             raise ValueError(f"mlp_only_layers entries must be layer indices in [0, {self.num_hidden_layers}), got {bad}")
-        self.check_nv_fields()
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Whether decoder layer ``layer_idx`` is sparse (HF's rule: not in ``mlp_only_layers`` and
