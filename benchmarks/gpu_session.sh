@@ -2,10 +2,10 @@
 # One device session: every GPU check and benchmark of the project, step by step, each under its
 # own time limit, logs under $OUT (or ./gpu_logs). A failing step never stops the next one.
 #
-#   bash benchmarks/gpu_session.sh [STEP ...]      # default: all steps, in this order
+#   bash benchmarks/gpu_session.sh [STEP ...]      # default: every step, in the order of `steps=` at the end
 #
 # Steps: info core permute models deepep nvlink modeldisp ep bench layer permute_bench nvlink_bench host
-#        gputests (every test marked gpu that one GPU runs), bench1 (the bench CLI at --nproc 1:
+#        gputests (every test marked gpu: the permute and models steps and the rest), bench1 (the bench CLI at --nproc 1:
 #        eager vs graphed all_to_all), qwen3_layer, sweep (fused tile configs), shapes (experts
 #        alone per model shape). One GPU: bash benchmarks/gpu_session.sh info gputests host
 #        permute_bench bench1 layer qwen3_layer shapes
@@ -68,7 +68,8 @@ run_permute_bench() { step permute_bench 150 python3 benchmarks/bench_permute.py
 run_host() { step host 120 python3 benchmarks/host_overhead.py --json "$OUT/host.json"; tail -n 25 "$OUT/host.log"; }
 run_nvlink_bench() { [ "$NGPU" -ge 2 ] && { step nvlink_bench 240 torchrun --standalone --nproc-per-node 2 benchmarks/bench_nvlink.py --json "$OUT/nvlink_bench.json" ${NVLINK_BENCH_ARGS:-}; tail -n 30 "$OUT/nvlink_bench.log"; }; }
 
-steps=${*:-info core permute models deepep nvlink modeldisp ep bench layer permute_bench nvlink_bench}
+# (gputests runs every test marked gpu, the permute and models steps included)
+steps=${*:-info gputests core deepep nvlink modeldisp ep bench bench1 layer qwen3_layer permute_bench host nvlink_bench sweep shapes}
 for s in $steps; do "run_$s"; done
 
 # The device tool returns at most 8 files: pack every log and JSON into one archive.

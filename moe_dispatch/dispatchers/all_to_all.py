@@ -233,9 +233,7 @@ class AllToAllTokenDispatcher(DispatcherBase):
         else:
             table = rows
         if table.device.type == "cpu":
-            # free on CPU; on CUDA it would be a host sync
-            bad_ids, sizes, codes = table[:, -3:].t().tolist()
-            raise_on_bad_ranks(self.num_experts, bad_ids, sizes, codes)
+            self._raise_on_bad_ranks(table[:, -3:])  # free on CPU; on CUDA it would be a host sync
         return table[:, :-3].to(x.device)
 
     # --- stages ---------------------------------------------------------------------------------
@@ -253,9 +251,13 @@ class AllToAllTokenDispatcher(DispatcherBase):
         else:
             table = all_gather_rows(row.to(collective_device(self._group)), self._group)
         host = table.cpu()  # host sync: the split sizes of the token exchange
-        bad_ids, sizes, codes = host[:, self.num_experts:].t().tolist()
-        raise_on_bad_ranks(self.num_experts, bad_ids, sizes, codes)
+        self._raise_on_bad_ranks(host[:, self.num_experts:])
         return table[:, : self.num_experts], host[:, : self.num_experts]
+
+    def _raise_on_bad_ranks(self, meta: torch.Tensor) -> None:
+        """``meta`` host ``[P, 3]``: per rank, out-of-range expert ids, hidden size, dtype code."""
+        bad_ids, sizes, codes = meta.t().tolist()
+        raise_on_bad_ranks(self.num_experts, bad_ids, sizes, codes)
 
     def _exchange_tokens(self, rows: torch.Tensor, output_splits, input_splits, group=None) -> torch.Tensor:
         group = self._group if group is None else group
