@@ -114,10 +114,12 @@ class MoELayer(nn.Module):
 
     def _fused_experts(self, x_NH, selected_experts_NK, routing_weights_NK):
         """``(out [N, H], tokens_per_expert [L])`` when the dispatcher has one rank (``ep_size == 1``)
+        and drops nothing (dropless: a capacity-mode dispatcher's drop policy must still apply),
         and the experts fuse the permute and the combine into their GEMMs (``forward_tokens``
         returns non-None: the ``"fused"`` expert backend), else None (dispatch -> experts -> combine)."""
         forward_tokens = getattr(self.experts, "forward_tokens", None)
-        if forward_tokens is None or getattr(self.dispatcher, "ep_size", None) != 1:
+        if (forward_tokens is None or getattr(self.dispatcher, "ep_size", None) != 1
+                or getattr(self.dispatcher, "dropless", True) is False):
             return None
         return forward_tokens(x_NH, selected_experts_NK, routing_weights_NK)
 

@@ -395,6 +395,27 @@ def test_moe_layer_single_rank_fused_path_matches_loop_layer():
     assert torch.equal(layers["fused"].last_tokens_per_expert, layers["loop"].last_tokens_per_expert)
 
 
+
+def test_moe_layer_capacity_mode_keeps_its_drop_policy_with_fused_experts():
+    """A capacity-mode dispatcher that overflows drops slots; the fused experts must not bypass it
+    at EP=1 (same output as the loop experts behind the same dispatcher, and slots were dropped)."""
+    from moe_dispatch import AllToAllTokenDispatcher, MoELayer, TopKRouter
+
+    torch.manual_seed(10)
+    H, I, E, K, N = 16, 24, 4, 2, 12
+    layers = {}
+    for backend in ("fused", "loop"):
+        layers[backend] = MoELayer(TopKRouter(H, E, K), SwiGLUExperts(E, H, I, backend=backend),
+                                   AllToAllTokenDispatcher(E, E, H, permute_backend="torch", max_tokens_per_rank=N // 4,
+                                                           dropless=False))
+    layers["loop"].experts.reset_parameters(0.3)
+    layers["fused"].load_state_dict(layers["loop"].state_dict())
+    x = torch.randn(N, H)
+    dropped = layers["loop"].dispatcher.dispatch(x, *layers["loop"].router(x)[:2]).handle.dropped_slots
+    assert dropped.any(), "the case must overflow the capacity"
+    outs = {backend: layer(x).hidden_states for backend, layer in layers.items()}
+    assert rel_err(outs["fused"], outs["loop"]) < FP32_TOL
+
 @pytest.mark.parametrize("gather_scatter", [True, False])
 def test_grouped_mm_candidates_vs_reference(monkeypatch, gather_scatter):
     """The torch._grouped_mm candidates of the autotune (dH GEMM + the SwiGLU backward alone, and
