@@ -105,6 +105,13 @@ def hf_block_and_input(block_cls, hf_config, T: int, H: int):
     return hf_block, torch.randn(1, T, H, device="cuda", dtype=torch.bfloat16)
 
 
+def copy_hf_weights_(block, hf_block) -> None:
+    """transformers' router gate and fused expert weights into our block (same layouts)."""
+    block.router.gate.weight.copy_(hf_block.gate.weight)
+    block.experts.experts_gate_up_weight.copy_(hf_block.experts.gate_up_proj)
+    block.experts.experts_down_weight.copy_(hf_block.experts.down_proj)
+
+
 def gemm_bound(T: int, K: int, H: int, I: int, tflops: float) -> dict:
     """ms of the three expert GEMMs (gate, up, down) at ``tflops``: forward, and forward+backward (3x)."""
     fwd_flops = 3 * 2 * T * K * H * I
@@ -271,9 +278,7 @@ def graphed_rows(config, hf_block, x, hf_out, args) -> list[dict]:
         block = NVMixtralSparseMoeBlock(config, dispatcher=dispatcher, expert_backend="grouped_mm")
     block = block.to(torch.bfloat16)
     with torch.no_grad():
-        block.router.gate.weight.copy_(hf_block.gate.weight)
-        block.experts.experts_gate_up_weight.copy_(hf_block.experts.gate_up_proj)
-        block.experts.experts_down_weight.copy_(hf_block.experts.down_proj)
+        copy_hf_weights_(block, hf_block)
         err = rel_err(block(x).hidden_states, hf_out)
     params = list(block.parameters())
     rows = []
@@ -353,9 +358,7 @@ def main(argv=None) -> int:
             block = NVMixtralSparseMoeBlock(config, expert_backend=backend)
         block = block.to(torch.bfloat16)  # the router gate stays fp32
         with torch.no_grad():
-            block.router.gate.weight.copy_(hf_block.gate.weight)
-            block.experts.experts_gate_up_weight.copy_(hf_block.experts.gate_up_proj)
-            block.experts.experts_down_weight.copy_(hf_block.experts.down_proj)
+            copy_hf_weights_(block, hf_block)
             out = block(x).hidden_states
         err = rel_err(out, hf_out)
         fwd, fwd_bwd, peak = timed_pair(lambda t: block(t).hidden_states, x, list(block.parameters()), args.warmup,
@@ -459,9 +462,7 @@ def bench_qwen3_moe(args) -> int:
             block = NVQwen3MoeSparseMoeBlock(config, default_dispatcher(config), expert_backend=backend)
         block = block.to(torch.bfloat16)  # the router gate stays fp32
         with torch.no_grad():
-            block.router.gate.weight.copy_(hf_block.gate.weight)
-            block.experts.experts_gate_up_weight.copy_(hf_block.experts.gate_up_proj)
-            block.experts.experts_down_weight.copy_(hf_block.experts.down_proj)
+            copy_hf_weights_(block, hf_block)
             err = rel_err(block(x).hidden_states, hf_out)
         fwd, fwd_bwd, peak = timed_pair(lambda t: block(t).hidden_states, x, list(block.parameters()), args.warmup,
                                         args.iters)
