@@ -22,7 +22,9 @@ if os.environ.get("MOE_DISPATCH_BUILD_CUDA") == "1":
 
     sources = sorted(glob.glob("csrc/*.cu") + glob.glob("csrc/*.cpp"))
     if sources:
-        ext_modules = [CUDAExtension("moe_dispatch._C", sources, extra_compile_args={"nvcc": ["-O3", "-arch=sm_90"]})]
+        # Architectures: TORCH_CUDA_ARCH_LIST, else those of the visible GPUs (torch's default).
+        ext_modules = [CUDAExtension("moe_dispatch._C", sources,
+                                     extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--expt-relaxed-constexpr"]})]
         cmdclass = {"build_ext": BuildExtension}
 
 setup(

@@ -44,6 +44,12 @@ def _import_backends(device: torch.device):
         backends["triton"] = (triton_backend.permute, triton_backend.unpermute)
     else:
         print(f"triton backend skipped: {triton_backend.why_unavailable(device)}")
+    from moe_dispatch.permute import cuda as cuda_backend
+
+    if cuda_backend.is_available(device):
+        backends["cuda"] = (cuda_backend.permute, cuda_backend.unpermute)
+    else:
+        print(f"cuda backend skipped: {cuda_backend.why_unavailable(device)}")
     try:
         import transformer_engine.pytorch as te
     except ImportError as exc:

@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/gpu_session.sh [STEP ...]      # default: every step, in the order of `steps=` at the end
 #
-# Steps: info core permute models deepep nvlink modeldisp ep bench layer permute_bench nvlink_bench host
+# Steps: build (the optional CUDA extension of csrc/, when moe_dispatch._C does not import yet; a copy of
+#        the .so goes to $OUT/ext) info core permute models deepep nvlink modeldisp ep bench layer permute_bench nvlink_bench host
 #        gputests (every test marked gpu: the permute and models steps and the rest), bench1 (the bench CLI at --nproc 1:
 #        eager vs graphed all_to_all), qwen3_layer, sweep (fused tile configs), shapes (experts
 #        alone per model shape). One GPU: bash benchmarks/gpu_session.sh info gputests host
@@ -36,8 +37,16 @@ run_info() {
     python3 -c "import deep_ep; print(\"deep_ep ok\")" || true'
   cat "$OUT/info.log" | head -20
 }
+run_build() {
+  python3 -c "import moe_dispatch._C" 2>/dev/null && { echo "== build: moe_dispatch._C already imports"; return; }
+  step build ${BUILD_SECS:-400} env MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
+    MOE_DISPATCH_BUILD_CUDA=1 python3 setup.py build_ext --inplace
+  tail -n 3 "$OUT/build.log"
+  mkdir -p "$OUT/ext" && cp moe_dispatch/_C*.so "$OUT/ext/" 2>/dev/null
+  python3 -c "import moe_dispatch._C as c; print('moe_dispatch._C imports:', c.__file__)"
+}
 run_core() { [ "$NGPU" -ge 2 ] && step core 150 torchrun --standalone --nproc-per-node 2 tests/distributed/all_to_all_equivalence.py; }
-run_permute() { step permute 150 python3 -m pytest -q -m gpu tests/test_permute.py tests/test_permute_triton.py -x; }
+run_permute() { step permute 150 python3 -m pytest -q -m gpu tests/test_permute.py tests/test_permute_triton.py tests/test_permute_cuda.py -x; }
 run_models() { step models 200 python3 -m pytest -q -m gpu tests/models; }
 run_deepep() {
   python3 -c "import deep_ep" 2>/dev/null || { [ -d .deepep ] && step deepep_build 200 bash install_hybridep.sh --src .deepep --intranode-only --work-dir /tmp/deepep-build; }
@@ -55,7 +64,7 @@ run_qwen3_layer() { step qwen3_layer 90 python3 benchmarks/bench_mixtral_layer.p
 run_gputests() { step gputests ${GPUTESTS_SECS:-300} python3 -m pytest -q -p no:cacheprovider -m gpu -rfE tests; }
 run_bench1() {
   step bench1 90 python3 -m moe_dispatch.bench --nproc 1 --tokens 128 4096 16384 --hidden 4096 --experts 8 --topk 2 \
-    --backends all_to_all+torch all_to_all+triton all_to_all+te all_to_all+capacity --out "$OUT/bench1.json"
+    --backends all_to_all+torch all_to_all+triton all_to_all+cuda all_to_all+te all_to_all+capacity --out "$OUT/bench1.json"
   sed -n '/^# moe_dispatch bench/,$p' "$OUT/bench1.log"
 }
 run_sweep() { step sweep 90 python3 benchmarks/sweep_fused_tiles.py --shapes mixtral:4096 --json "$OUT/sweep.json"; tail -n 30 "$OUT/sweep.log"; }
@@ -69,10 +78,11 @@ run_host() { step host 120 python3 benchmarks/host_overhead.py --json "$OUT/host
 run_nvlink_bench() { [ "$NGPU" -ge 2 ] && { step nvlink_bench 240 torchrun --standalone --nproc-per-node 2 benchmarks/bench_nvlink.py --json "$OUT/nvlink_bench.json" ${NVLINK_BENCH_ARGS:-}; tail -n 30 "$OUT/nvlink_bench.log"; }; }
 
 # (gputests runs every test marked gpu, the permute and models steps included)
-steps=${*:-info gputests core deepep nvlink modeldisp ep bench bench1 layer qwen3_layer permute_bench host nvlink_bench sweep shapes}
+steps=${*:-build info gputests core deepep nvlink modeldisp ep bench bench1 layer qwen3_layer permute_bench host nvlink_bench sweep shapes}
 for s in $steps; do "run_$s"; done
 
 # The device tool returns at most 8 files: pack every log and JSON into one archive.
 if [ -n "${PACK_LOGS:-1}" ] && [ "$OUT" != "gpu_logs" ]; then
   tar czf "$OUT/logs_$(date +%H%M%S).tgz" -C "$OUT" $(cd "$OUT" && ls *.log *.json 2>/dev/null) && (cd "$OUT" && rm -f *.log *.json)
+  [ -d "$OUT/ext" ] && tar czf "$OUT/ext.tgz" -C "$OUT" ext && rm -rf "$OUT/ext"
 fi

@@ -6,7 +6,7 @@ as a ratio to one ``torch.add`` launch measured in the same run (the launch floo
     python benchmarks/host_overhead.py [--json out.json]
 
 Rows: permute / unpermute of each permute backend (forward only, and with autograd inputs),
-the triton backend with the launch cache off (``MOE_DISPATCH_TRITON_FASTLAUNCH=0``: Triton's own
+the triton and cuda (C++ extension, when built) backends, the triton backend with the launch cache off (``MOE_DISPATCH_TRITON_FASTLAUNCH=0``: Triton's own
 ``kernel[grid](...)`` path), the indices converter forward / backward, and
 ``AllToAllTokenDispatcher`` dispatch + combine at EP=1 (no process group), dropless and
 capacity mode.
@@ -48,7 +48,7 @@ def _rows(dev) -> dict[str, float]:
     se = torch.rand(T, E, device=dev).topk(K, -1).indices
     w = torch.rand(T, K, device=dev)
     rows: dict[str, float] = {"torch.add (one launch)": per_call_us(lambda: x.add(1))}
-    for name in ("torch", "triton", "te"):
+    for name in ("torch", "triton", "cuda", "te"):
         try:
             resolve_backend(name, dev)
         except Exception as exc:  # noqa: BLE001
@@ -74,7 +74,7 @@ def _rows(dev) -> dict[str, float]:
             dense_grad = torch.randn(T, E, device=dev)
             rows["indices_to_multihot"] = per_call_us(lambda: ic.indices_to_multihot(local, w, E))
             rows["multihot_probs_backward"] = per_call_us(lambda: ic.multihot_probs_backward(dense_grad, local))
-    for backend in ("torch", "triton"):
+    for backend in ("torch", "triton", "cuda"):
         for mode, kw in (("dropless", {}), ("capacity", dict(max_tokens_per_rank=T, dropless=False))):
             try:
                 d = AllToAllTokenDispatcher(E, E, H, permute_backend=backend, **kw)

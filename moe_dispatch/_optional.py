@@ -16,13 +16,16 @@ from types import ModuleType
 
 __all__ = [
     "import_transformer_engine", "import_deep_ep", "import_triton", "import_triton_kernels",
-    "triton_interpreting", "TE_INSTALL_HINT", "DEEP_EP_INSTALL_HINT", "TRITON_INSTALL_HINT",
+    "import_cuda_extension", "triton_interpreting", "TE_INSTALL_HINT", "DEEP_EP_INSTALL_HINT",
+    "TRITON_INSTALL_HINT", "CUDA_EXTENSION_INSTALL_HINT",
 ]
 
 TE_INSTALL_HINT = 'pip install "moe_dispatch[te]" (or transformer-engine[pytorch])'
 DEEP_EP_INSTALL_HINT = ("run `bash install_hybridep.sh` from the moe_dispatch repository root "
                         "(`--help` lists its options)")
 TRITON_INSTALL_HINT = "pip install triton (it ships with CUDA builds of torch)"
+CUDA_EXTENSION_INSTALL_HINT = ("build it from the moe_dispatch repository root on a machine with a CUDA torch and nvcc: "
+                               "MOE_DISPATCH_BUILD_CUDA=1 pip install --no-build-isolation -e .")
 
 # The values Triton itself reads as "on" (triton.knobs env_bool); one meaning everywhere.
 _TRUE = ("1", "true", "yes", "on")
@@ -66,3 +69,10 @@ def import_triton_kernels(name: str) -> ModuleType:
     """
     import_triton()
     return importlib.import_module(f"moe_dispatch.kernels.{name}")
+
+
+def import_cuda_extension() -> ModuleType:
+    """``moe_dispatch._C``, the optional C++/CUDA extension built from ``csrc/``. Raises
+    ``ImportError`` saying how to build it."""
+    return _import("moe_dispatch._C", f"the moe_dispatch CUDA extension is not built: {CUDA_EXTENSION_INSTALL_HINT} "
+                                      "(import failed: {exc})")

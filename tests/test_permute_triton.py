@@ -74,8 +74,9 @@ def _used_rows(row_id_map, num_rows):
     return used
 
 
-def _check(n, k, e, h, kind, align, rows_mode, device, seed=0, dtype=torch.float32):
-    """Forward and backward of both ops against the reference, with random inputs and grads."""
+def _check(n, k, e, h, kind, align, rows_mode, device, seed=0, dtype=torch.float32, backend=tb):
+    """Forward and backward of both ops of ``backend`` (a backend module, default triton) against
+    the reference, with random inputs and grads."""
     se, g, x, probs = _inputs(n, k, e, h, kind, seed, device, dtype)
     w = torch.rand(n, k, generator=g).to(device)
     num_out_rows = _num_out_rows(se, e, align, rows_mode)
@@ -84,7 +85,7 @@ def _check(n, k, e, h, kind, align, rows_mode, device, seed=0, dtype=torch.float
     tol = {} if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
 
     leaves, outs = {}, {}
-    for name, mod in (("ref", reference), ("tri", tb)):
+    for name, mod in (("ref", reference), ("tri", backend)):
         xl, pl, wl = (t.clone().requires_grad_() for t in (x, probs, w))
         permuted, permuted_probs, row_id_map = mod.permute(xl, se, e, pl, align, num_out_rows)
         y = torch.sin(permuted) * 2  # a row-wise "expert" that changes the rows

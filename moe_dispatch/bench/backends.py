@@ -57,6 +57,9 @@ def _all_to_all(permute_backend: str, *, dropless: bool = True) -> Backend:
                     "(the interpreter checks the kernels, it is far too slow to time them).")
         if permute_backend == "te" and device.type != "cuda":
             return "TransformerEngine's moe_permute runs on CUDA GPUs only, and this run has none."
+        if permute_backend == "cuda" and device.type != "cuda":
+            return ("The cuda permute backend is our C++/CUDA extension (csrc/), which runs on CUDA GPUs "
+                    "only, and this run has none.")
         from moe_dispatch.permute import resolve_backend
 
         try:
@@ -100,6 +103,7 @@ BACKENDS: dict[str, Backend] = {
     "all_to_all": _all_to_all("auto"),
     "all_to_all+torch": _all_to_all("torch"),
     "all_to_all+triton": _all_to_all("triton"),
+    "all_to_all+cuda": _all_to_all("cuda"),
     "all_to_all+te": _all_to_all("te"),
     "all_to_all+capacity": _all_to_all("auto", dropless=False),
     "nvlink": Backend(_nvlink_make, _nvlink_why),

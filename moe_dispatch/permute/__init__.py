@@ -8,10 +8,12 @@ backend   what                                                   devices
 torch     reference (stable argsort + index_copy), ground truth   CPU, CUDA
 triton    fused counting sort + gather / weighted-reduce kernels  CUDA (CPU under
                                                                   TRITON_INTERPRET=1)
+cuda      the same algorithm in C++/CUDA (``csrc/``, built only   CUDA, extension
+          with MOE_DISPATCH_BUILD_CUDA=1): the least host time    built
 te        TransformerEngine ``moe_permute`` / ``moe_unpermute``   CUDA
 ========  =====================================================  ==================
 
-``"auto"`` takes ``triton`` then ``te`` on CUDA when importable, else ``torch``. All backends
+``"auto"`` takes ``cuda`` (when built), then ``triton``, then ``te`` on CUDA, else ``torch``. All backends
 return the same ``row_id_map`` format (see :mod:`moe_dispatch.permute.reference`), so
 ``unpermute`` of one backend's output works with any backend.
 """
@@ -26,9 +28,9 @@ from .._checks import check_expert_ids_range, check_routing, describe
 
 __all__ = ["permute", "permute_with_probs", "unpermute", "count_tokens_per_expert", "resolve_backend", "backend_module", "BACKENDS"]
 
-BACKENDS = ("torch", "triton", "te")
-_MODULES = {"torch": "reference", "triton": "triton", "te": "te"}
-_AUTO_ORDER_CUDA = ("triton", "te")
+BACKENDS = ("torch", "triton", "cuda", "te")
+_MODULES = {"torch": "reference", "triton": "triton", "cuda": "cuda", "te": "te"}
+_AUTO_ORDER_CUDA = ("cuda", "triton", "te")
 
 
 def backend_module(backend: str) -> ModuleType:
@@ -95,7 +97,7 @@ def permute(
         tokens: ``[N, H]``.
         selected_experts: ``[N, K]`` integer expert ids in ``[-1, num_experts)``; -1 = dropped.
         num_experts: E.
-        backend: ``"auto" | "torch" | "triton" | "te"``.
+        backend: ``"auto" | "torch" | "triton" | "cuda" | "te"``.
         align_size: pad each expert's group of rows to a multiple of this (zero rows), e.g. 16,
             32 or 128 for FP8 / MXFP8 grouped GEMMs. ``te`` supports only 1.
         num_out_rows: rows of the output. ``None`` computes the exact count (a host sync on
