@@ -8,10 +8,17 @@ number: the HBM copy roofline is measured in the same run, and each op's time is
 
 where the copy bandwidth counts bytes read + written by a large bf16 ``dst.copy_(src)``.
 Routing: top-K of E distinct experts per token, no dropped slot, ``num_out_rows = N*K`` (as TE's
-``num_out_tokens``), so no backend syncs with the host. Times are medians of
-``triton.testing.do_bench`` (L2 flushed before each call); ``us_graph`` is the same op replayed
-from a CUDA graph (``do_bench_cudagraph``: no CPU launch overhead; n/a where capture fails, e.g.
-the torch reference, which syncs). The backends are called directly, below the public
+``num_out_tokens``), so no backend syncs with the host. Three times per op, medians:
+
+* ``us``: ``triton.testing.do_bench`` (L2 flushed before each call): one cold call;
+* ``us_b2b``: eager calls issued back to back as a training step issues them (CUDA events around
+  50 calls, nothing in between): host and GPU overlap, so this is GPU time when the host keeps
+  up and host time when it does not;
+* ``us_graph``: the same op replayed from a CUDA graph (``do_bench_cudagraph``, back to back, no
+  CPU launch cost; n/a where capture fails, e.g. the torch reference, which syncs).
+
+``eager/graph`` = ``us_graph / us_b2b``: the speed eager mode keeps of graph replay, both in the
+same L2 state (1.0 = no host overhead left). The backends are called directly, below the public
 ``moe_dispatch.permute`` whose argument checks sync with the host.
 
 Usage::
@@ -86,6 +93,23 @@ def _time(fn, graph: bool, dry_run: bool = False) -> float:
     return 1e3 * do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
+def _back_to_back_us(fn, calls: int = 50, rounds: int = 7) -> float:
+    """Median over ``rounds`` of the µs per call of ``calls`` eager calls issued back to back."""
+    for _ in range(10):
+        fn()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return sorted(times)[len(times) // 2]
+
+
 def _copy_bandwidth(device: torch.device, dry_run: bool) -> float:
     """GB/s (read + write) of a 2 GiB bf16 device-to-device copy."""
     numel = 2**20 if dry_run else 2**30
@@ -116,7 +140,8 @@ def main(argv=None) -> int:
     copy_gbps = _copy_bandwidth(device, args.dry_run)
     device_name = "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name(device)
     print(f"device: {device_name}  torch {torch.__version__}  HBM copy {copy_gbps:.0f} GB/s (read + write)")
-    header = f"{'shape (T,H,E,K)':>22} {'op':>10} {'backend':>8} {'us':>9} {'us_graph':>9} {'GB/s':>7} {'%roof':>6} {'%roof_g':>7} {'bound_us':>8} {'==torch':>7}"
+    header = (f"{'shape (T,H,E,K)':>22} {'op':>10} {'backend':>8} {'us':>9} {'us_b2b':>8} {'us_graph':>9} {'eager/graph':>11} "
+              f"{'GB/s':>7} {'%roof':>6} {'%roof_g':>7} {'bound_us':>8} {'==torch':>7}")
     print(header)
     print("-" * len(header))
     results = []
@@ -147,14 +172,17 @@ def main(argv=None) -> int:
             for op, fn in fns.items():
                 us = _time(fn, graph=False, dry_run=args.dry_run)
                 us_graph = float("nan") if args.no_graph else _time(fn, graph=True)
+                us_b2b = us if args.dry_run else _back_to_back_us(fn)
                 bound_us = bytes_moved[op] / (copy_gbps * 1e9) * 1e6
                 row = dict(
-                    T=num_tokens, H=hidden, E=num_experts, K=topk, op=op, backend=name, us=us, us_graph=us_graph,
+                    T=num_tokens, H=hidden, E=num_experts, K=topk, op=op, backend=name, us=us, us_b2b=us_b2b, us_graph=us_graph,
+                    eager_over_graph=us_graph / us_b2b,
                     GBps=bytes_moved[op] / (us * 1e-6) / 1e9, pct_roofline=100 * bound_us / us,
                     pct_roofline_graph=100 * bound_us / us_graph, bound_us=bound_us, matches_torch=matches[op],
                 )
                 results.append(row)
-                print(f"{str((num_tokens, hidden, num_experts, topk)):>22} {op:>10} {name:>8} {us:9.1f} {us_graph:9.1f} "
+                print(f"{str((num_tokens, hidden, num_experts, topk)):>22} {op:>10} {name:>8} {us:9.1f} {us_b2b:8.1f} {us_graph:9.1f} "
+                      f"{row['eager_over_graph']:10.2f}x "
                       f"{row['GBps']:7.0f} {row['pct_roofline']:5.0f}% {row['pct_roofline_graph']:6.0f}% {bound_us:8.1f} "
                       f"{str(matches[op]):>7}")
         del x, ref_permuted, permuted

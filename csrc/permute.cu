@@ -225,12 +225,25 @@ __global__ void permute_kernel(
     }
   }
   __syncthreads();
+  // kUnroll loads in flight per thread before the K stores of each
+  constexpr int kUnroll = 4;
   const vec_t* in = reinterpret_cast<const vec_t*>(src + n * src_stride);
-  for (int64_t i = threadIdx.x; i < row_vecs; i += blockDim.x) {
-    const vec_t x = in[i];
+  for (int64_t i0 = threadIdx.x; i0 < row_vecs; i0 += static_cast<int64_t>(blockDim.x) * kUnroll) {
+    vec_t x[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = i0 + static_cast<int64_t>(u) * blockDim.x;
+      if (i < row_vecs) x[u] = in[i];
+    }
     for (int k = 0; k < K; ++k) {
       const int64_t row = rows[k];
-      if (row >= 0) reinterpret_cast<vec_t*>(dst + row * dst_stride)[i] = x;
+      if (row < 0) continue;
+      vec_t* out = reinterpret_cast<vec_t*>(dst + row * dst_stride);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t i = i0 + static_cast<int64_t>(u) * blockDim.x;
+        if (i < row_vecs) out[i] = x[u];
+      }
     }
   }
 }
