@@ -71,10 +71,14 @@ def _rows(dev) -> dict[str, float]:
         pg = p.clone().requires_grad_()
         rows[f"unpermute (autograd)[{name}]"] = per_call_us(lambda: mod.unpermute(pg, m, wg))
         if name == "triton":
+            from moe_dispatch.kernels import launcher
+
             os.environ["MOE_DISPATCH_TRITON_FASTLAUNCH"] = "0"
+            launcher.refresh_fast_launch()
             rows["permute[triton, no launch cache]"] = per_call_us(lambda: mod.permute(x, se, E, None, 1, T * K))
             rows["unpermute[triton, no launch cache]"] = per_call_us(lambda: mod.unpermute(p, m, w))
             del os.environ["MOE_DISPATCH_TRITON_FASTLAUNCH"]
+            launcher.refresh_fast_launch()
             from moe_dispatch.kernels import indices_converter as ic
 
             local = torch.randint(-1, E, (T, K), device=dev)
@@ -133,14 +137,7 @@ def _stub_launch_environment():
 
     patch(launcher, "fast_launch_enabled", lambda: True)
     patch(launcher, "_raw_stream", lambda device: 0)
-
-    def device_of_cpu(args):  # the real _device_of with "cpu" for "cuda": the same per-tensor work
-        current = None
-        for a in args:
-            if isinstance(a, torch.Tensor) and (a.device.type != "cpu" or a.device.index != current):
-                return None
-        return current
-    patch(launcher, "_device_of", device_of_cpu)
+    patch(launcher, "_current_device", lambda: -1)  # CPU tensors pass the device check: get_device() == -1
     for name in ("_expert_count_scan_kernel", "_expert_hist_kernel", "_expert_scan_kernel", "_permute_kernel",
                  "_unpermute_kernel", "_unpermute_bwd_kernel"):
         patch(kp, name, _StubKernel(getattr(kp, name)))
@@ -176,17 +173,29 @@ def _python_only_rows() -> dict[str, float]:
         w = torch.rand(T, K)
         p, _, m = kp.permute(x, se, E, None, 1, T * K)
         rows: dict[str, float] = {}
-        # launch() alone, with the argument list of the permute kernel (9 tensors, 8 ints)
+        # launch() alone: a stand-in kernel with 8 tensor and 8 int arguments (the permute
+        # kernel's list before it was shortened to 6 + 8) and one with 4 + 4 (unpermute's)
         ids = se.reshape(-1)
         work = torch.empty(64, dtype=torch.int32)
+
+        class _Named:
+            def __init__(self, n_args, constexprs):
+                self.arg_names = [f"a{i}" for i in range(n_args)] + list(constexprs)
+        ce16 = dict(HAS_PROBS=False, T=32, RB=64, BLOCK_K=2, BLOCK_H=1024, ZR=8)
+        k16 = _StubKernel(_Named(16, ce16))
         args = (x, x.stride(0), ids, work, work, p, p, p.stride(0), p, m, K, E, H, T * K, 0, 1)
-        plan = kp._permute_plan(T, K, E, H, x.element_size(), 1, T * K, False, None, None)
-        rows["launch() fast path, permute kernel's 16 args"] = cpu_per_call_us(
-            lambda: launcher.launch(kp._permute_kernel, (T + 1,), args, plan["permute"], plan["permute_warps"]))
+        rows["launch() fast path, 16 args (8 tensors)"] = cpu_per_call_us(
+            lambda: launcher.launch(k16, (T + 1,), args, ce16, 4))
+        ce8 = dict(HAS_PROBS=True, BLOCK_K=2, BLOCK_H=1024)
+        k8 = _StubKernel(_Named(8, ce8))
         uargs = (p, p.stride(0), m, w, x, x.stride(0), K, H)
-        ce = dict(HAS_PROBS=True, BLOCK_K=2, BLOCK_H=1024)
-        rows["launch() fast path, unpermute kernel's 8 args"] = cpu_per_call_us(
-            lambda: launcher.launch(kp._unpermute_kernel, (T,), uargs, ce, 4))
+        rows["launch() fast path, 8 args (4 tensors)"] = cpu_per_call_us(lambda: launcher.launch(k8, (T,), uargs, ce8, 4))
+        if hasattr(launcher, "launch_spec_key"):
+            s16, s8 = launcher.launch_spec_key(ce16, 4), launcher.launch_spec_key(ce8, 4)
+            rows["launch() fast path, 16 args, spec_key given"] = cpu_per_call_us(
+                lambda: launcher.launch(k16, (T + 1,), args, ce16, 4, s16))
+            rows["launch() fast path, 8 args, spec_key given"] = cpu_per_call_us(
+                lambda: launcher.launch(k8, (T,), uargs, ce8, 4, s8))
         rows["kernels.permute.permute (count+scan, permute: 2 launches)"] = cpu_per_call_us(
             lambda: kp.permute(x, se, E, None, 1, T * K))
         rows["kernels.permute.unpermute (1 launch)"] = cpu_per_call_us(lambda: kp.unpermute(p, m, w))

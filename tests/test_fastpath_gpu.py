@@ -26,11 +26,15 @@ def _routing(n, k, e, seed, device=DEV):
 
 def _ordinary(fn):
     """Run ``fn`` with the launch cache off: Triton's own ``kernel[grid](...)`` path."""
+    from moe_dispatch.kernels import launcher
+
     os.environ["MOE_DISPATCH_TRITON_FASTLAUNCH"] = "0"
+    assert not launcher.refresh_fast_launch()
     try:
         return fn()
     finally:
         os.environ.pop("MOE_DISPATCH_TRITON_FASTLAUNCH")
+        launcher.refresh_fast_launch()
 
 
 @pytest.mark.parametrize("n, h, k, e, dtype, align, rows", [

@@ -33,7 +33,7 @@ class _Kernel:
 @pytest.fixture
 def fast(monkeypatch):
     monkeypatch.setattr(launcher, "fast_launch_enabled", lambda: True)
-    monkeypatch.setattr(launcher, "_device_of", lambda args: 0)
+    monkeypatch.setattr(launcher, "_current_device", lambda: -1)  # CPU tensors: get_device() == -1
     monkeypatch.setattr(launcher, "_raw_stream", lambda device: 77)
     monkeypatch.setattr(launcher, "_hooks_ok", lambda: True)
 
@@ -89,11 +89,15 @@ def test_launch_hooks_take_the_ordinary_path(fast, monkeypatch):
 
 def test_disabled_under_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert not launcher.fast_launch_enabled()
-    k = _Kernel(["n", "BLOCK"])
-    for _ in range(2):
-        launcher.launch(k, (1,), (5,), {"BLOCK": 16}, 4)
-    assert [e[0] for e in k.log] == ["slow", "slow"] and not hasattr(k, "_moe_fast_cache")
+    try:
+        assert not launcher.refresh_fast_launch() and not launcher.fast_launch_enabled()
+        k = _Kernel(["n", "BLOCK"])
+        for _ in range(2):
+            launcher.launch(k, (1,), (5,), {"BLOCK": 16}, 4)
+        assert [e[0] for e in k.log] == ["slow", "slow"] and not hasattr(k, "_moe_fast_cache")
+    finally:
+        monkeypatch.undo()
+        launcher.refresh_fast_launch()
 
 
 def test_hooks_empty():
