@@ -227,11 +227,13 @@ def test_capture_moe_layer_training_equals_eager():
 
 
 # Last: a capture that raises part-way could leave CUDA's graph/RNG state unusable for the tests after it.
-def test_dropless_refuses_capture():
-    d = AllToAllTokenDispatcher(4, 4, 64)
+def test_dropless_refuses_capture_at_ep_above_one():
+    """Dropless with a process group syncs with the host (the split sizes): it refuses capture,
+    before any collective. (Without a group, at EP=1, it captures: the tests above.)"""
+    d = AllToAllTokenDispatcher(8, 4, 64, ep_size=2)
+    d._group = object()  # stands in for a 2-rank group: the refusal comes before any collective
     x = torch.randn(8, 64, device=DEV)
-    se, w = _routing(8, 2, 4, 7)
-    d.dispatch(x, se, w)
+    se, w = _routing(8, 2, 8, 7)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError, match="dropless"):
