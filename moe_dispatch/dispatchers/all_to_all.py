@@ -65,7 +65,7 @@ class AllToAllHandle:
         recv_splits: rows received from each rank in dispatch.
         rank_major_index: int64 ``[R]`` gather index from expert-major rows back to the
             received (source rank, local expert) order; None when no regrouping was needed.
-        num_received_rows: R.
+        num_received_rows: R, the rows of ``expert_input`` (``N * K`` at EP=1 without a group).
         hidden_dtype: dtype of ``hidden_states``; combine returns it.
         permute_backend: the resolved permute backend dispatch used (combine's unpermute too).
         dropped_slots: capacity mode: bool ``[N, K]``, slots with a valid expert that the drop
