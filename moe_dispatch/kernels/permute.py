@@ -649,9 +649,9 @@ def _scatter_rows(grad_out, permuted, num_rows, row_id_map, merging_probs, probs
     rid = row_id_map.contiguous()
     used = torch.zeros(num_rows + 1, dtype=torch.int8, device=device)
     used.index_fill_(0, torch.where(rid >= 0, rid, num_rows).reshape(-1), 1)  # slot rows; -1 -> row M
-    block_k, block_h, num_warps = _row_plan(topk, hidden, grad_permuted.element_size(), 4096, 8192)
-    zero_block, zero_rows = 128, min(64, max(1, 8192 // block_h))
-    n_zero = _cdiv(num_rows, zero_block)
+    constexprs, num_warps, spec_key = _scatter_plan(topk, hidden, grad_permuted.element_size(),
+                                                    merging_probs is not None, probs_grad)
+    n_zero = _cdiv(num_rows, _ZERO_BLOCK)
     grid = n_zero + num_tokens
     if grid == 0:
         return grad_permuted, grad_probs
@@ -660,6 +660,18 @@ def _scatter_rows(grad_out, permuted, num_rows, row_id_map, merging_probs, probs
         used, permuted, permuted.stride(0), grad_permuted, grad_permuted.stride(0),
         grad_permuted if grad_probs is None else grad_probs,
         topk, hidden, num_rows, n_zero,
-    ), dict(HAS_PROBS=merging_probs is not None, PROBS_GRAD=probs_grad, BLOCK_K=block_k, BLOCK_H=block_h,
-            ZB=zero_block, ZR=min(zero_rows, zero_block)), num_warps)
+    ), constexprs, num_warps, spec_key)
     return grad_permuted, grad_probs
+
+
+_ZERO_BLOCK = 128  # rows per zeroing program of _unpermute_bwd_kernel
+
+
+@functools.lru_cache(maxsize=4096)
+def _scatter_plan(topk: int, hidden: int, elem_bytes: int, has_probs: bool, probs_grad: bool):
+    """``(constexprs, num_warps, spec key)`` of one ``_unpermute_bwd_kernel`` launch."""
+    block_k, block_h, num_warps = _row_plan(topk, hidden, elem_bytes, 4096, 8192)
+    zero_rows = min(64, max(1, 8192 // block_h))
+    constexprs = dict(HAS_PROBS=has_probs, PROBS_GRAD=probs_grad, BLOCK_K=block_k, BLOCK_H=block_h,
+                      ZB=_ZERO_BLOCK, ZR=min(zero_rows, _ZERO_BLOCK))
+    return constexprs, num_warps, launch_spec_key(constexprs, num_warps)
