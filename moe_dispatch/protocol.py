@@ -28,8 +28,10 @@ class DispatchOutput:
 
     Attributes:
         expert_input: ``[R, H]`` rows grouped by local expert, ascending, in ``hidden_states``'
-            dtype. A capacity-bound backend may return more rows than ``tokens_per_expert``
-            sums to; rows past that sum are padding and must be ignored.
+            dtype. A backend may return more rows than ``tokens_per_expert`` sums to; rows past
+            that sum are padding (zero) and must be ignored: a capacity-bound backend (its fixed
+            blocks), and ``AllToAllTokenDispatcher`` at EP=1 without a group in dropless mode
+            (``R = N * K`` so that no host sync is needed: one padding row per -1 slot).
         tokens_per_expert: int64 ``[L]`` on the input's device: rows of each local expert.
         handle: opaque, immutable; pass it unchanged to ``combine``.
     """

@@ -96,10 +96,11 @@ def test_no_overflow_equals_dropless_bitwise(backend, kind, n, k, e, cap):
     drop_d = AllToAllTokenDispatcher(e, e, 8, permute_backend=backend)
     out_c, *res_c = _run(cap_d, x, se, w, W)
     out_d, *res_d = _run(drop_d, x, se, w, W)
-    R = out_d.expert_input.shape[0]
-    assert out_c.expert_input.shape[0] == cap * min(k, e)
+    R = int(out_d.tokens_per_expert.sum())  # dropless at EP=1: N*K rows, zero padding past R (-1 slots)
+    assert out_c.expert_input.shape[0] == cap * min(k, e) and out_d.expert_input.shape[0] == n * k
     assert torch.equal(out_c.tokens_per_expert, out_d.tokens_per_expert)
-    assert torch.equal(out_c.expert_input[:R], out_d.expert_input) and not out_c.expert_input[R:].any()
+    assert torch.equal(out_c.expert_input[:R], out_d.expert_input[:R]) and not out_c.expert_input[R:].any()
+    assert not out_d.expert_input[R:].any()
     assert not out_c.handle.dropped_slots.any()
     for a, b in zip(res_c, res_d):
         assert torch.equal(a, b)
@@ -119,8 +120,8 @@ def test_overflow_drops_by_policy(backend, kind, tied):
     out_c, *res_c = _run(d, x, se, w, W)
     out_d, *res_d = _run(AllToAllTokenDispatcher(e, e, 8, permute_backend=backend), x, se_kept, w, W)
     assert torch.equal(out_c.handle.dropped_slots, dropped)
-    R = out_d.expert_input.shape[0]
-    assert torch.equal(out_c.expert_input[:R], out_d.expert_input)
+    R = int(out_d.tokens_per_expert.sum())  # dropless at EP=1: N*K rows, zero padding past R (the dropped slots)
+    assert torch.equal(out_c.expert_input[:R], out_d.expert_input[:R]) and not out_d.expert_input[R:].any()
     for a, b in zip(res_c, res_d):
         assert torch.equal(a, b)
 

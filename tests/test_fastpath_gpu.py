@@ -1,7 +1,7 @@
 """GPU checks of the eager fast path and the sync-free all-to-all (issue 16), one CUDA device:
 the cached low-level launches equal Triton's ordinary launch path and the torch reference
-bitwise; capacity mode runs with zero host syncs (``set_sync_debug_mode("error")``), forward and
-backward; CUDA-graph replay of dispatch -> experts -> combine -> backward, and of a whole
+bitwise; capacity mode, and dropless mode at EP=1 without a group, run with zero host syncs
+(``set_sync_debug_mode("error")``), forward and backward; CUDA-graph replay of dispatch -> experts -> combine -> backward, and of a whole
 ``MoELayer`` (``moe_dispatch.graph.capture_moe_layer``), equals eager."""
 from __future__ import annotations
 
@@ -26,11 +26,15 @@ def _routing(n, k, e, seed, device=DEV):
 
 def _ordinary(fn):
     """Run ``fn`` with the launch cache off: Triton's own ``kernel[grid](...)`` path."""
+    from moe_dispatch.kernels import launcher
+
     os.environ["MOE_DISPATCH_TRITON_FASTLAUNCH"] = "0"
+    assert not launcher.refresh_fast_launch()
     try:
         return fn()
     finally:
         os.environ.pop("MOE_DISPATCH_TRITON_FASTLAUNCH")
+        launcher.refresh_fast_launch()
 
 
 @pytest.mark.parametrize("n, h, k, e, dtype, align, rows", [
@@ -182,6 +186,93 @@ def test_graph_replay_equals_eager_dispatch_experts_combine_backward(backend):
         assert torch.equal(a, b)
 
 
+def _with_drops(se, seed):
+    g = torch.Generator().manual_seed(seed)
+    return se.masked_fill((torch.rand(se.shape, generator=g) < 0.2).to(se.device), -1)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_one_rank_dropless_has_no_host_sync(backend):
+    """EP=1 without a group, dropless: dispatch (permute_counted on N*K rows), combine and
+    backward with zero host syncs; equal to the permute on exact rows in the first R rows."""
+    E, H, N, K = 8, 256, 512, 2
+    d = AllToAllTokenDispatcher(E, E, H, permute_backend=backend)
+    x = torch.randn(N, H, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    se, w = _routing(N, K, E, 11)
+    se = _with_drops(se, 11)
+    w.requires_grad_()
+    W = torch.randn(E, H, H, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    _capacity_step(d, x, se, w, W)  # warm-up: compiles, allocator caches
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            y, out = _capacity_step(d, x, se, w, W)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    R = int(out.tokens_per_expert.sum())
+    assert out.expert_input.shape[0] == N * K and R == int((se >= 0).sum())
+    ref = reference.permute(x.detach(), se, E, None, 1, None)[0]
+    assert torch.equal(out.expert_input[:R], ref) and not out.expert_input[R:].any()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_one_rank_dropless_graph_replay_equals_eager(backend):
+    """EP=1 dropless dispatch -> experts -> combine -> backward captured in one CUDA graph:
+    replays equal eager, also after new routing (with -1 slots) is copied into the input."""
+    E, H, N, K = 8, 256, 384, 2
+    d = AllToAllTokenDispatcher(E, E, H, permute_backend=backend)
+    se, w0 = _routing(N, K, E, 12)
+    x = torch.randn(N, H, device=DEV, requires_grad=True)
+    w = w0.clone().requires_grad_()
+    W = (torch.randn(E, H, H, device=DEV) / 16).requires_grad_()
+
+    def eager():
+        x.grad = w.grad = W.grad = None
+        y, out = _capacity_step(d, x, se, w, W)
+        return y.detach().clone(), x.grad.clone(), w.grad.clone(), W.grad.clone()
+
+    from moe_dispatch.graph import capture
+
+    ref = eager()
+
+    def step():
+        x.grad = w.grad = W.grad = None
+        return _capacity_step(d, x, se, w, W)[0]
+
+    graph, y = capture(step)
+    static = (y, x.grad, w.grad, W.grad)
+    for _ in range(2):
+        for t in static[1:]:
+            t.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        for a, b in zip(static, ref):
+            assert torch.equal(a, b)
+    se.copy_(_with_drops(_routing(N, K, E, 13)[0], 13))
+    ref2 = eager()
+    for t in static[1:]:
+        t.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(static, ref2):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_one_rank_dropless_cuda_ids_out_of_range_select_nothing(backend):
+    """On CUDA, EP=1 dropless does not check the ids (a host sync): ids outside [-1, E) act as -1."""
+    E, H, N = 4, 64, 6
+    d = AllToAllTokenDispatcher(E, E, H, permute_backend=backend)
+    x = torch.randn(N, H, device=DEV)
+    se_bad = torch.tensor([[0, 4], [100, 1], [-5, 3], [2, 2**40], [1, -1], [3, 0]], device=DEV)
+    se_ok = torch.where((se_bad >= 0) & (se_bad < E), se_bad, -1)
+    w = torch.rand(N, 2, device=DEV)
+    bad, ok = d.dispatch(x, se_bad, w), d.dispatch(x, se_ok, w)
+    assert torch.equal(bad.expert_input, ok.expert_input) and torch.equal(bad.tokens_per_expert, ok.tokens_per_expert)
+    assert torch.equal(d.combine(bad.expert_input * 2, bad.handle), d.combine(ok.expert_input * 2, ok.handle))
+
+
 def _layer(E=8, H=512, I=1024, K=2, N=256, dtype=torch.bfloat16):
     torch.manual_seed(0)
     d = AllToAllTokenDispatcher(E, E, H, max_tokens_per_rank=N, dropless=False)
@@ -223,11 +314,13 @@ def test_capture_moe_layer_training_equals_eager():
 
 
 # Last: a capture that raises part-way could leave CUDA's graph/RNG state unusable for the tests after it.
-def test_dropless_refuses_capture():
-    d = AllToAllTokenDispatcher(4, 4, 64)
+def test_dropless_refuses_capture_at_ep_above_one():
+    """Dropless with a process group syncs with the host (the split sizes): it refuses capture,
+    before any collective. (Without a group, at EP=1, it captures: the tests above.)"""
+    d = AllToAllTokenDispatcher(8, 4, 64, ep_size=2)
+    d._group = object()  # stands in for a 2-rank group: the refusal comes before any collective
     x = torch.randn(8, 64, device=DEV)
-    se, w = _routing(8, 2, 4, 7)
-    d.dispatch(x, se, w)
+    se, w = _routing(8, 2, 8, 7)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError, match="dropless"):

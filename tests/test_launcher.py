@@ -33,7 +33,7 @@ class _Kernel:
 @pytest.fixture
 def fast(monkeypatch):
     monkeypatch.setattr(launcher, "fast_launch_enabled", lambda: True)
-    monkeypatch.setattr(launcher, "_device_of", lambda args: 0)
+    monkeypatch.setattr(launcher, "_current_device", lambda: -1)  # CPU tensors: get_device() == -1
     monkeypatch.setattr(launcher, "_raw_stream", lambda device: 77)
     monkeypatch.setattr(launcher, "_hooks_ok", lambda: True)
 
@@ -89,11 +89,15 @@ def test_launch_hooks_take_the_ordinary_path(fast, monkeypatch):
 
 def test_disabled_under_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert not launcher.fast_launch_enabled()
-    k = _Kernel(["n", "BLOCK"])
-    for _ in range(2):
-        launcher.launch(k, (1,), (5,), {"BLOCK": 16}, 4)
-    assert [e[0] for e in k.log] == ["slow", "slow"] and not hasattr(k, "_moe_fast_cache")
+    try:
+        assert not launcher.refresh_fast_launch() and not launcher.fast_launch_enabled()
+        k = _Kernel(["n", "BLOCK"])
+        for _ in range(2):
+            launcher.launch(k, (1,), (5,), {"BLOCK": 16}, 4)
+        assert [e[0] for e in k.log] == ["slow", "slow"] and not hasattr(k, "_moe_fast_cache")
+    finally:
+        monkeypatch.undo()
+        launcher.refresh_fast_launch()
 
 
 def test_hooks_empty():
@@ -102,3 +106,37 @@ def test_hooks_empty():
             self.calls = calls
     assert launcher._hooks_empty(None) and launcher._hooks_empty(Chain([]))
     assert not launcher._hooks_empty(Chain([print])) and not launcher._hooks_empty(print)
+
+
+def test_spec_key_reuses_the_same_entry(fast):
+    k = _Kernel(["x", "n", "BLOCK"])
+    x = torch.zeros(8)
+    spec = launcher.launch_spec_key({"BLOCK": 16}, 4)
+    assert spec == launcher.launch_spec_key({"BLOCK": 16}, 4) != launcher.launch_spec_key({"BLOCK": 16}, 8)
+    launcher.launch(k, (1,), (x, 5), {"BLOCK": 16}, 4)
+    launcher.launch(k, (1,), (x, 6), {"BLOCK": 16}, 4, spec)
+    assert [e[0] for e in k.log] == ["slow", "fast"] and len(k._moe_fast_cache) == 1
+    assert launcher.launch_key(-1, (x, 6), {"BLOCK": 16}, 4) in k._moe_fast_cache
+
+
+def test_tensor_not_on_the_current_device_takes_the_ordinary_path(fast, monkeypatch):
+    monkeypatch.setattr(launcher, "_current_device", lambda: 0)  # "cuda:0" current; CPU tensors are not on it
+    k = _Kernel(["x", "BLOCK"])
+    for _ in range(2):
+        launcher.launch(k, (1,), (torch.zeros(4),), {"BLOCK": 16}, 4)
+    assert [e[0] for e in k.log] == ["slow", "slow"] and not k._moe_fast_cache
+    assert launcher.launch_key(0, (torch.zeros(4),), {"BLOCK": 16}, 4) is None
+
+
+def test_key_matches_the_per_argument_classes():
+    """The flat key tells apart exactly what _arg_key tells apart (Triton's specialization)."""
+    x = torch.zeros(16)
+    ints = [1, 0, 16, -16, 3, -3, 2**31 - 1, 2**31, 2**32, 2**63, -(2**31), -(2**31) - 1]
+    for a in ints:
+        for b in ints:
+            same = launcher._arg_key(a) == launcher._arg_key(b)
+            assert (launcher.launch_key(-1, (a,), {}, 4) == launcher.launch_key(-1, (b,), {}, 4)) == same, (a, b)
+    keys = {launcher.launch_key(-1, (t,), {}, 4) for t in (x, x[1:], x.int(), x[4:], x.double())}
+    assert len(keys) == 4  # x and x[4:] (16-byte aligned, same dtype) share one
+    assert launcher.launch_key(-1, (True,), {}, 4) != launcher.launch_key(-1, (1,), {}, 4)
+    assert launcher.launch_key(-1, (None,), {}, 4) != launcher.launch_key(-1, (1.0,), {}, 4)

@@ -141,3 +141,32 @@ def test_cuda_backends_equal_torch(backend):
         out_ref = unpermute(p_ref.float(), m_ref, w, backend="torch")
         out = unpermute(p.float(), m, w, backend=backend)
         torch.testing.assert_close(out, out_ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["te", "triton", "torch"])
+def test_cuda_permute_counted_equals_torch(backend):
+    """permute_counted on CUDA with -1 slots and num_out_rows = N*K (the EP=1 dispatch): rows,
+    row map and counts equal the reference, padding rows zero, gradients equal (the te backend
+    zeroes TE's copies of dropped slots, so they add nothing to the tokens' gradient)."""
+    from moe_dispatch.permute import backend_module, reference, resolve_backend
+    dev = torch.device("cuda")
+    try:
+        resolve_backend(backend, dev)
+    except ValueError as exc:
+        pytest.skip(str(exc))
+    for seed, (n, h, e, k) in enumerate([(1000, 256, 8, 2), (517, 128, 64, 8)]):
+        g = torch.Generator(device=dev).manual_seed(seed)
+        se = torch.rand(n, e, device=dev, generator=g).topk(k, -1).indices
+        se = se.masked_fill(torch.rand(n, k, device=dev, generator=g) < 0.25, -1)
+        x0 = torch.randn(n, h, device=dev, generator=g)
+        grads = []
+        for mod in (reference, backend_module(backend)):
+            x = x0.clone().requires_grad_()
+            permuted, _, row_id_map, counts = mod.permute_counted(x, se, e, None, 1, n * k)
+            R = int(counts.sum())
+            assert R == int((se >= 0).sum()) and not permuted[R:].any()
+            (permuted * torch.arange(n * k, device=dev).unsqueeze(1)).sum().backward()  # padding rows get gradient too
+            grads.append((permuted.detach(), row_id_map, counts, x.grad))
+        for a, b in zip(*grads):
+            assert torch.equal(a, b)

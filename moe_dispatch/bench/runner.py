@@ -6,9 +6,11 @@ table: microseconds each way, the bytes that must cross ranks per second, and th
 percentage of the limit measured in the same run (GPU: the P2P copy bandwidth between two GPUs;
 CPU: this machine's memory copy bandwidth, for reference only).
 
-Dispatchers without host syncs (``all_to_all+capacity``, and any in capacity mode) are also
-timed replayed from a CUDA graph (dispatch + combine in one graph): the ``us graph`` column, beside
-the eager ``us d+c`` (at ``--nproc 1`` this is the all-to-all at EP=1 on an NCCL world of one).
+Dispatchers without host syncs (``all_to_all+capacity``, any in capacity mode, and at
+``--nproc 1`` the dropless all-to-all, which then has no group and syncs nothing) are also timed
+replayed from a CUDA graph (dispatch + combine in one graph): the ``us graph`` column, beside the
+eager ``us d+c`` (at ``--nproc 1`` the all-to-all runs at EP=1 without a group: dropless, that is
+the permute + unpermute alone).
 
 "Remote bytes" counts each token once per *other* rank that holds one of its experts: the least
 any dispatcher must move (the lower bound of a dispatch is those bytes over the P2P bandwidth
@@ -160,7 +162,7 @@ def bench_one(backend, E, K, H, T, args, rank, world, device, dtype):
             times_d.append(td.ms()), times_c.append(tc.ms())
     torch.testing.assert_close(y.float(), (x.float() * weights.sum(1, keepdim=True)), rtol=2e-2, atol=2e-2)
     ms_graph = float("nan")
-    if args.use_cuda and getattr(dispatcher, "dropless", True) is False:
+    if args.use_cuda and _sync_free(dispatcher, world):
         ms_graph = graph_ms(dispatcher, x, selected, weights, args)
     close = getattr(dispatcher, "close", None)
     if close:
@@ -171,6 +173,13 @@ def bench_one(backend, E, K, H, T, args, rank, world, device, dtype):
     dist.all_reduce(stats, op=dist.ReduceOp.MAX)  # the slowest rank sets the step time
     ms_d, ms_c, rows, ms_graph = stats.tolist()
     return ms_d, ms_c, rows * H * dtype.itemsize, ms_graph
+
+
+def _sync_free(dispatcher, world: int) -> bool:
+    """Capturable in a CUDA graph: capacity mode, or the all-to-all on one rank (no group)."""
+    from .. import AllToAllTokenDispatcher
+
+    return getattr(dispatcher, "dropless", True) is False or (world == 1 and isinstance(dispatcher, AllToAllTokenDispatcher))
 
 
 def graph_ms(dispatcher, x, selected, weights, args) -> float:

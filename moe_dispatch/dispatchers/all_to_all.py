@@ -15,6 +15,16 @@ Stages of a dispatch (each a private method, so each can be timed and later over
 Combine runs the stages backwards and applies the routing weights in fp32 in the unpermute.
 Works on NCCL (CUDA) and gloo (CPU).
 
+**One rank** (``ep_size == 1`` and no process group, dropless): there is nothing to exchange, so dispatch is the
+permute alone -- ``permute_counted`` with ``N * K`` output rows (the most the routing can
+fill), its own per-expert counts as ``tokens_per_expert`` -- and combine the unpermute alone:
+no host sync, no launch besides the permute kernels (two for the triton backend, one more for
+combine), CUDA-graph capturable. ``expert_input`` has ``N * K`` rows: the
+``sum(tokens_per_expert)`` rows of the contract's order, then one zero padding row per slot
+with id -1 (none when every slot has an expert; combine ignores them, their gradient is zero).
+Expert ids outside ``[-1, E)`` raise ValueError on CPU (free to check); on CUDA they would
+need a host sync to be reported and select nothing, as in capacity mode.
+
 **Capacity mode** (``max_tokens_per_rank=C, dropless=False``): no host sync at all, CUDA-graph
 capturable end to end. Every rank sends every rank one block of B = C * min(K, L) rows (the
 NVLink dispatcher's capacity), so the splits are equal and known without looking at the
@@ -33,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._checks import check_expert_output, expert_ids_out_of_range
+from .._checks import check_expert_ids_range, check_expert_output, expert_ids_out_of_range
 from ..distributed import all_gather_rows, all_to_all, collective_device, group_rank
 from ..permute import backend_module, count_tokens_per_expert, resolve_backend
 from ..permute.reference import exclusive_cumsum
@@ -55,7 +65,7 @@ class AllToAllHandle:
         recv_splits: rows received from each rank in dispatch.
         rank_major_index: int64 ``[R]`` gather index from expert-major rows back to the
             received (source rank, local expert) order; None when no regrouping was needed.
-        num_received_rows: R.
+        num_received_rows: R, the rows of ``expert_input`` (``N * K`` at EP=1 without a group).
         hidden_dtype: dtype of ``hidden_states``; combine returns it.
         permute_backend: the resolved permute backend dispatch used (combine's unpermute too).
         dropped_slots: capacity mode: bool ``[N, K]``, slots with a valid expert that the drop
@@ -104,8 +114,9 @@ class AllToAllTokenDispatcher(DispatcherBase):
         permute_backend: ``"auto" | "torch" | "triton" | "te"`` (see ``moe_dispatch.permute``).
         max_tokens_per_rank: C, the capacity (see the module docstring); required with
             ``dropless=False``, unused in dropless mode.
-        dropless: True (default): exact rows, one host sync per dispatch. False: capacity mode,
-            no host sync, CUDA-graph capturable.
+        dropless: True (default): exact rows, one host sync per dispatch (none at
+            ``ep_size == 1`` without a group: ``N * K`` rows, trailing padding for -1 slots; see
+            the module docstring). False: capacity mode, no host sync, CUDA-graph capturable.
 
     Raises:
         ValueError: ``num_experts % ep_size != 0``, ``num_local_experts * ep_size != num_experts``,
@@ -153,14 +164,18 @@ class AllToAllTokenDispatcher(DispatcherBase):
         self, hidden_states: torch.Tensor, selected_experts: torch.Tensor, routing_weights: torch.Tensor
     ) -> DispatchOutput:
         """See :meth:`moe_dispatch.TokenDispatcher.dispatch`. One host sync (the counts) in
-        dropless mode, none in capacity mode."""
+        dropless mode with a process group; none without one (``ep_size == 1``: ``expert_input``
+        then has ``N * K`` rows, zero padding rows at the end for -1 slots) and none in capacity
+        mode."""
         self._check_dispatch_args(hidden_states, selected_experts, routing_weights)
-        backend = resolve_backend(self.permute_backend, hidden_states.device)
+        backend = self._backend_on(hidden_states.device)
         if not self.dropless:
             return self._dispatch_capacity(hidden_states, selected_experts, routing_weights, backend)
+        if self._group is None:  # ep_size == 1 (checked above), no process group
+            return self._dispatch_one_rank(hidden_states, selected_experts, routing_weights, backend)
         if hidden_states.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("a dropless dispatch syncs with the host and cannot be captured in a CUDA graph; "
-                               "use dropless=False with max_tokens_per_rank")
+            raise RuntimeError("a dropless dispatch at ep_size > 1 syncs with the host and cannot be captured in a "
+                               "CUDA graph; use dropless=False with max_tokens_per_rank")
         counts_all, counts_host = self._exchange_counts(hidden_states, selected_experts)
         rank = group_rank(self._group)
         send_splits = counts_host[rank].view(self.ep_size, self.num_local_experts).sum(1).tolist()
@@ -193,7 +208,31 @@ class AllToAllTokenDispatcher(DispatcherBase):
             rows = rows.index_select(0, handle.rank_major_index)
         back = self._exchange_tokens(rows, handle.send_splits, handle.recv_splits, group=handle.group)
         out = backend_module(handle.permute_backend).unpermute(back, handle.row_id_map, handle.routing_weights)
-        return out.to(handle.hidden_dtype)
+        return out if out.dtype == handle.hidden_dtype else out.to(handle.hidden_dtype)  # .to costs ~1 us even as a no-op
+
+    def _backend_on(self, device: torch.device) -> str:
+        """The permute backend ``self.permute_backend`` resolves to on ``device`` (resolved once
+        per device: availability does not change while the process runs)."""
+        resolved = self.__dict__.setdefault("_resolved_backends", {})
+        backend = resolved.get(device)
+        if backend is None:
+            backend = resolved[device] = resolve_backend(self.permute_backend, device)
+        return backend
+
+    # --- one rank -------------------------------------------------------------------------------
+    def _dispatch_one_rank(self, x, selected_experts, routing_weights, backend: str) -> DispatchOutput:
+        """Dropless dispatch at ``ep_size == 1`` without a group (module docstring): the permute alone, on the
+        ``N * K`` rows the routing can fill at most; no host sync on CUDA."""
+        if x.device.type == "cpu":
+            check_expert_ids_range(selected_experts, self.num_experts)  # free on CPU; on CUDA a host sync
+        rows = selected_experts.numel()
+        expert_input, _, row_id_map, tokens_per_expert = backend_module(backend).permute_counted(
+            x, selected_experts, self.num_experts, None, 1, rows)
+        handle = AllToAllHandle(
+            row_id_map=row_id_map, routing_weights=routing_weights, send_splits=(rows,), recv_splits=(rows,),
+            rank_major_index=None, num_received_rows=rows, hidden_dtype=x.dtype, group=None, permute_backend=backend,
+        )
+        return DispatchOutput(expert_input=expert_input, tokens_per_expert=tokens_per_expert, handle=handle)
 
     # --- capacity mode ------------------------------------------------------------------------
     def _dispatch_capacity(self, x, selected_experts, routing_weights, backend: str) -> DispatchOutput:

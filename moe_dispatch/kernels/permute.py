@@ -53,9 +53,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .launcher import launch
+from .launcher import launch, launch_spec_key
 
-__all__ = ["permute", "unpermute", "unpermute_backward", "permute_by_map"]
+__all__ = ["permute", "permute_counted", "unpermute", "unpermute_backward", "permute_by_map"]
 
 _INT32_MAX = 2**31 - 1
 # The scan reads its whole table hist [B, E] in one tile of at most this many elements (more
@@ -71,43 +71,63 @@ _MAX_CHUNK_SLOTS = 1024
 # Kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _expert_hist_kernel(ids_ptr, hist_ptr, S, E, C, BLOCK_C: tl.constexpr, NBINS: tl.constexpr):
-    """``hist[b, e]`` (int32 ``[B, E]``) = slots of chunk b (``[b * C, (b + 1) * C)``) with expert e.
+def _load_ids(ptr, mask, E):
+    """Expert ids as int32, every id outside ``[0, E)`` (-1, or any out-of-range value, compared
+    before the cast so that no int64 id wraps into range) as -1."""
+    e = tl.load(ptr, mask=mask, other=-1)
+    return tl.where((e >= 0) & (e < E), e.to(tl.int32), -1)
+
+
+@triton.jit
+def _expert_hist_kernel(ids_ptr, work_ptr, S, E, C, BLOCK_C: tl.constexpr, NBINS: tl.constexpr):
+    """``hist[b, e]`` (int32 ``[B, E]``, B = the grid) = slots of chunk b (``[b * C, (b + 1) * C)``)
+    with expert e; ``hist`` is the workspace's third part (see :func:`_expert_scan_kernel`).
 
     ``ids``: integer ``[S]``, expert per slot, -1 = dropped. NBINS: power of 2 > E, >= 32.
     """
     b = tl.program_id(0).to(tl.int64)
+    hist_ptr = work_ptr + 2 * (E + 1) + tl.num_programs(0).to(tl.int64) * E
     j = tl.arange(0, BLOCK_C)
     offs = b * C + j
-    e = tl.load(ids_ptr + offs, mask=(j < C) & (offs < S), other=-1).to(tl.int32)
-    key = tl.where((e >= 0) & (e < E), e, E)  # dropped slots and slots past the chunk: bin E, not stored
+    e = _load_ids(ids_ptr + offs, (j < C) & (offs < S), E)
+    key = tl.where(e >= 0, e, E)  # dropped slots and slots past the chunk: bin E, not stored
     h = tl.histogram(key, NBINS)
     bins = tl.arange(0, NBINS)
     tl.store(hist_ptr + b * E + bins, h, mask=bins < E)
 
 
 @triton.jit
-def _store_meta(meta_ptr, counts, align, E, ev, emask):
-    """Write ``meta`` (int32 ``[2, E + 1]``) from the per-expert ``counts``; returns the padded
-    starts ``ps`` ``[BLOCK_E]``."""
+def _store_meta(meta_ptr, counts, align, E, ev, emask, M, cnt_ptr, HAS_COUNTS: tl.constexpr):
+    """Write ``meta`` (int32 ``[2, E + 1]``) from the per-expert ``counts``, and with
+    ``HAS_COUNTS`` the rows each expert fills in an output of M rows, int64 ``[E]`` at
+    ``cnt_ptr``: ``min(counts[e], max(M - ps[e], 0))``. Returns the padded starts ``ps``
+    ``[BLOCK_E]``."""
     padded = (counts + align - 1) // align * align
     ps = tl.cumsum(padded, axis=0) - padded
     tl.store(meta_ptr + ev, ps, mask=emask)
     tl.store(meta_ptr + E, tl.sum(padded, axis=0))
     tl.store(meta_ptr + (E + 1) + ev, counts, mask=emask)
     tl.store(meta_ptr + (E + 1) + E, tl.sum(counts, axis=0))
+    if HAS_COUNTS:
+        room = tl.maximum(M - ps.to(tl.int64), 0)
+        tl.store(cnt_ptr + ev, tl.minimum(counts.to(tl.int64), room), mask=emask)
     return ps
 
 
 @triton.jit
 def _expert_scan_kernel(
-    hist_ptr, base_ptr, meta_ptr, B, E, align, TB: tl.constexpr, BLOCK_E: tl.constexpr, ONE_TILE: tl.constexpr
+    work_ptr, B, E, align, M, cnt_ptr,
+    TB: tl.constexpr, BLOCK_E: tl.constexpr, ONE_TILE: tl.constexpr, HAS_COUNTS: tl.constexpr,
 ):
-    """One program. ``hist``, ``base``: int32 ``[B, E]``; ``meta``: int32 ``[2, E + 1]``.
+    """One program. The int32 workspace ``work`` holds ``meta [2, E + 1] | base [B, E] | hist
+    [B, E]``; ``cnt``: int64 ``[E]`` (with ``HAS_COUNTS``, see :func:`_store_meta`).
 
     Reads ``hist`` in tiles of ``[TB, BLOCK_E]``: once when ``ONE_TILE`` (B <= TB), else twice
     (totals first, then the running prefix over chunks).
     """
+    meta_ptr = work_ptr
+    base_ptr = work_ptr + 2 * (E + 1)
+    hist_ptr = base_ptr + B.to(tl.int64) * E
     ev = tl.arange(0, BLOCK_E)
     emask = ev < E
     rb = tl.arange(0, TB).to(tl.int64)
@@ -121,7 +141,7 @@ def _expert_scan_kernel(
             r = b0 + rb
             m = (r[:, None] < B) & emask[None, :]
             counts += tl.sum(tl.load(hist_ptr + r[:, None] * E + ev[None, :], mask=m, other=0), axis=0)
-    ps = _store_meta(meta_ptr, counts, align, E, ev, emask)
+    ps = _store_meta(meta_ptr, counts, align, E, ev, emask, M, cnt_ptr, HAS_COUNTS)
     if ONE_TILE:
         tl.store(base_ptr + rb[:, None] * E + ev[None, :], ps[None, :] + tl.cumsum(h, axis=0) - h, mask=tile_mask)
     else:
@@ -139,19 +159,23 @@ def _chunk_hist(ids_ptr, chunks, j, S, C, E, ev):
     """``[CPT, BLOCK_E]`` int32: slots with expert ``ev`` in each of ``chunks`` (compare-and-count:
     no histogram op, so many chunks fit in one tile)."""
     offs = chunks[:, None].to(tl.int64) * C + j[None, :]
-    e = tl.load(ids_ptr + offs, mask=(j[None, :] < C) & (offs < S), other=-1).to(tl.int32)
+    e = _load_ids(ids_ptr + offs, (j[None, :] < C) & (offs < S), E)
     hit = (e[:, :, None] == ev[None, None, :]) & (ev < E)[None, None, :]
     return tl.sum(hit.to(tl.int32), axis=1)
 
 
 @triton.jit
 def _expert_count_scan_kernel(
-    ids_ptr, base_ptr, meta_ptr, S, E, C, B, align, CPT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr
+    ids_ptr, work_ptr, S, E, C, B, align, M, cnt_ptr,
+    CPT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, HAS_COUNTS: tl.constexpr,
 ):
     """One program: ``_expert_hist_kernel`` and ``_expert_scan_kernel`` in one launch, for small
-    inputs (S * BLOCK_E bounded by the launcher). Same outputs ``base`` int32 ``[B, E]`` and
-    ``meta`` int32 ``[2, E + 1]``; ``hist`` is never stored. Two passes over the ids, ``CPT``
-    chunks at a time: totals (for the padded starts), then the running prefix over chunks."""
+    inputs (S * BLOCK_E bounded by the launcher). Same outputs: ``work`` = ``meta`` int32
+    ``[2, E + 1]`` | ``base`` int32 ``[B, E]`` (no ``hist``), and ``cnt``. Two passes over the
+    ids, ``CPT`` chunks at a time: totals (for the padded starts), then the running prefix over
+    chunks."""
+    meta_ptr = work_ptr
+    base_ptr = work_ptr + 2 * (E + 1)
     ev = tl.arange(0, BLOCK_E)
     emask = ev < E
     cb = tl.arange(0, CPT)
@@ -159,7 +183,7 @@ def _expert_count_scan_kernel(
     counts = tl.zeros([BLOCK_E], dtype=tl.int32)
     for b0 in range(0, B, CPT):
         counts += tl.sum(_chunk_hist(ids_ptr, b0 + cb, j, S, C, E, ev), axis=0)
-    ps = _store_meta(meta_ptr, counts, align, E, ev, emask)
+    ps = _store_meta(meta_ptr, counts, align, E, ev, emask, M, cnt_ptr, HAS_COUNTS)
     run = ps
     for b0 in range(0, B, CPT):
         r = b0 + cb
@@ -178,7 +202,7 @@ def _kept(hm, row):
 
 @triton.jit
 def _permute_kernel(
-    src_ptr, src_stride, ids_ptr, base_ptr, meta_ptr, probs_ptr, dst_ptr, dst_stride, dst_probs_ptr, rid_ptr,
+    src_ptr, src_stride, ids_ptr, work_ptr, probs_ptr, dst_ptr, dst_probs_ptr, rid_ptr,
     K, E, H, M, n_pad_progs, n_tail_progs,
     HAS_PROBS: tl.constexpr, T: tl.constexpr, RB: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_H: tl.constexpr, ZR: tl.constexpr,
@@ -188,9 +212,13 @@ def _permute_kernel(
 
     Programs ``[0, n_pad_progs)``: expert e's padding rows ``[ps[e] + counts[e], ps[e + 1])``.
     Next ``n_tail_progs``: rows ``[ps[E], M)``, grid-strided. The rest: one token each.
-    src ``[N, H]`` (row stride ``src_stride``), ids integer ``[N * K]``, base int32 ``[B, E]``,
-    meta int32 ``[2, E + 1]``, probs ``[N, K]``, dst ``[M, H]``, dst_probs ``[M]``, rid int64 ``[N, K]``.
+    src ``[N, H]`` (row stride ``src_stride``), ids integer ``[N * K]``, work int32 = meta
+    ``[2, E + 1]`` | base ``[B, E]``, probs ``[N, K]``, dst ``[M, H]`` (contiguous), dst_probs
+    ``[M]``, rid int64 ``[N, K]``.
     """
+    meta_ptr = work_ptr
+    base_ptr = work_ptr + 2 * (E + 1)
+    dst_stride = H
     pid = tl.program_id(0)
     if pid < n_pad_progs + n_tail_progs:
         # zero rows [lo, hi): tiles of ZR rows at lo, lo + step, ...
@@ -221,8 +249,8 @@ def _permute_kernel(
         b = n // T
         k = tl.arange(0, BLOCK_K)
         slot = n * K + k
-        e = tl.load(ids_ptr + slot, mask=k < K, other=-1).to(tl.int32)
-        valid = (e >= 0) & (e < E)
+        e = _load_ids(ids_ptr + slot, k < K, E)
+        valid = e >= 0
         base = tl.load(base_ptr + b * E + e, mask=valid, other=0)
         # rank of each of the token's slots among the slots of its chunk with the same expert
         # (positions inside the chunk in int32; only the ids before this token, RB at a time: a
@@ -234,7 +262,7 @@ def _permute_kernel(
         j0 = 0
         while j0 < first + K:
             j = j0 + tl.arange(0, RB)
-            ej = tl.load(chunk_ids + j, mask=j < first + K, other=-1).to(tl.int32)
+            ej = _load_ids(chunk_ids + j, j < first + K, E)
             hit = (ej[None, :] == e[:, None]) & (j[None, :] < mine[:, None])
             rank += tl.sum(hit.to(tl.int32), axis=1)
             j0 += RB
@@ -254,14 +282,16 @@ def _permute_kernel(
 
 @triton.jit
 def _unpermute_kernel(
-    src_ptr, src_stride, rid_ptr, probs_ptr, dst_ptr, dst_stride, K, H,
+    src_ptr, src_stride, rid_ptr, probs_ptr, dst_ptr, K, H,
     HAS_PROBS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """``dst[n] = sum_k probs[n, k] * src[rid[n, k]]`` over kept slots, in fp32; one token per program.
 
-    src ``[M, H]`` (row stride ``src_stride``), rid int64 ``[N, K]``, probs ``[N, K]``, dst ``[N, H]``.
+    src ``[M, H]`` (row stride ``src_stride``), rid int64 ``[N, K]``, probs ``[N, K]``, dst ``[N, H]``
+    (contiguous).
     """
     n = tl.program_id(0).to(tl.int64)
+    dst_stride = H
     for h0 in range(0, H, BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)
         hm = h < H
@@ -371,9 +401,10 @@ _FUSED_COUNT_TILE = 2**13
 
 @functools.lru_cache(maxsize=4096)
 def _permute_plan(num_tokens, topk, num_experts, hidden, elem_bytes, align_size, num_out_rows, has_probs,
-                  chunk_tokens, scan_tile):
-    """Grid sizes and constexprs of one permute, cached on the shapes: a permute call then does
-    no launch-parameter arithmetic in Python. ``num_out_rows`` None: decided after the count."""
+                  chunk_tokens, scan_tile, has_counts=False):
+    """Grid sizes, constexprs and launch spec keys of one permute, cached on the shapes: a permute
+    call then does no launch-parameter arithmetic in Python. ``num_out_rows`` None: the kernels
+    run on the largest size the routing can need (``plan["rows"]``); the exact one is read after."""
     num_slots = num_tokens * topk
     block_e = _pow2(num_experts)
     fused = num_slots * block_e <= _FUSED_COUNT_MAX and chunk_tokens is None and scan_tile is None
@@ -382,27 +413,38 @@ def _permute_plan(num_tokens, topk, num_experts, hidden, elem_bytes, align_size,
     chunk_tokens = chunk_tokens or _chunk_tokens(num_tokens, topk, num_experts)
     num_chunks = _cdiv(num_tokens, chunk_tokens)
     chunk = chunk_tokens * topk
-    plan = {"num_chunks": num_chunks, "chunk": chunk, "fused": fused}
+    table = num_chunks * num_experts
+    plan = {"num_chunks": num_chunks, "chunk": chunk, "fused": fused,
+            # one int32 workspace: meta [2, E + 1] | base [B, E] (| hist [B, E] on the three-kernel path)
+            "work": 2 * (num_experts + 1) + table * (1 if fused else 2)}
     if fused:
         block_c = _pow2(chunk)
         plan["count"] = dict(CPT=max(1, min(_pow2(num_chunks), _FUSED_COUNT_TILE // (block_c * block_e))),
-                             BLOCK_C=block_c, BLOCK_E=block_e)
+                             BLOCK_C=block_c, BLOCK_E=block_e, HAS_COUNTS=has_counts)
         plan["count_warps"] = 8
+        plan["count_key"] = launch_spec_key(plan["count"], 8)
     else:
         hist_block = max(32, _pow2(chunk))  # >= one warp: no replicated elements in the histogram
         plan["hist"] = dict(BLOCK_C=hist_block, NBINS=max(32, _pow2(num_experts + 1)))
         plan["hist_warps"] = max(1, min(4, hist_block // 32))
+        plan["hist_key"] = launch_spec_key(plan["hist"], plan["hist_warps"])
         tile = scan_tile or max(1, min(_pow2(num_chunks), _SCAN_TILE_ELEMS // block_e))
-        plan["scan"] = dict(TB=tile, BLOCK_E=block_e, ONE_TILE=num_chunks <= tile)
+        plan["scan"] = dict(TB=tile, BLOCK_E=block_e, ONE_TILE=num_chunks <= tile, HAS_COUNTS=has_counts)
         plan["scan_warps"] = max(1, min(8, tile * block_e // 1024))  # <= 32 table entries per thread: no spills
+        plan["scan_key"] = launch_spec_key(plan["scan"], plan["scan_warps"])
     block_k = _pow2(topk)
     block_h, num_warps = _row_block(hidden, elem_bytes, block_k, 4096, 16384)
     zero_rows = min(64, max(1, 8192 // block_h))
     plan["n_pad"] = num_experts if align_size > 1 else 0
     plan["zero_rows"] = zero_rows
+    exact = num_out_rows is None
+    plan["rows"] = num_slots + (num_experts * (align_size - 1) if align_size > 1 else 0) if exact else num_out_rows
+    plan["n_tail"] = 0 if exact else min(_cdiv(num_out_rows, zero_rows), 128)
+    plan["grid"] = plan["n_pad"] + plan["n_tail"] + num_tokens
     plan["permute"] = dict(HAS_PROBS=has_probs, T=chunk_tokens, RB=min(_pow2(chunk), max(32, 1024 // block_k)),
                            BLOCK_K=block_k, BLOCK_H=block_h, ZR=zero_rows)  # RB: compare tiles [BLOCK_K, RB] <= 1024 ids
     plan["permute_warps"] = num_warps
+    plan["permute_key"] = launch_spec_key(plan["permute"], num_warps)
     return plan
 
 
@@ -417,12 +459,30 @@ def permute(
     chunk_tokens: int | None = None,
     scan_tile: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """:func:`permute_counted` without ``tokens_per_expert``: ``(permuted [M, H], permuted_probs
+    [M] or None, row_id_map int64 [N, K])``. No host sync when ``num_out_rows`` is given."""
+    permuted, permuted_probs, row_id_map, _ = _permute(tokens, selected_experts, num_experts, probs, align_size,
+                                                       num_out_rows, chunk_tokens, scan_tile, False)
+    return permuted, permuted_probs, row_id_map
+
+
+def permute_counted(
+    tokens: torch.Tensor,
+    selected_experts: torch.Tensor,
+    num_experts: int,
+    probs: torch.Tensor | None,
+    align_size: int,
+    num_out_rows: int | None,
+    *,
+    chunk_tokens: int | None = None,
+    scan_tile: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Sort the (token, k) slots by expert and copy each token to its rows. Two kernels (three
     for large inputs); no host sync when ``num_out_rows`` is given.
 
     Args:
         tokens: ``[N, H]`` floating point (any row stride).
-        selected_experts: integer ``[N, K]`` in ``[-1, E)`` (-1: dropped).
+        selected_experts: integer ``[N, K]``; ids outside ``[0, E)`` (-1, or any other) are dropped.
         num_experts: E.
         probs: ``[N, K]`` floating point, or None.
         align_size: each expert's group of rows starts at a multiple of this (padding rows zero).
@@ -434,8 +494,18 @@ def permute(
 
     Returns:
         ``(permuted [M, H] in tokens' dtype, permuted_probs [M] in probs' dtype or None,
-        row_id_map int64 [N, K])``, on ``tokens.device``.
+        row_id_map int64 [N, K], tokens_per_expert int64 [E])``, on ``tokens.device``.
+        ``tokens_per_expert[e]``: the rows of expert e that are filled, ``min(slots of e,
+        max(M - start of e, 0))`` -- all its slots when M is at least what the routing needs
+        (always when ``num_out_rows`` is None or ``>= N * K + E * (align_size - 1)``). Written
+        by the count kernel: no extra launch.
     """
+    return _permute(tokens, selected_experts, num_experts, probs, align_size, num_out_rows, chunk_tokens, scan_tile,
+                    True)
+
+
+def _permute(tokens, selected_experts, num_experts, probs, align_size, num_out_rows, chunk_tokens, scan_tile, counts):
+    """:func:`permute_counted`; ``tokens_per_expert`` None (not written) unless ``counts``."""
     num_tokens, hidden = tokens.shape
     topk = selected_experts.shape[1]
     num_slots = num_tokens * topk
@@ -446,55 +516,57 @@ def permute(
             f"E={num_experts}, align_size={align_size}"
         )
     plan = _permute_plan(num_tokens, topk, num_experts, hidden, tokens.element_size(), align_size, num_out_rows,
-                         probs is not None, chunk_tokens, scan_tile)
-    num_chunks, chunk = plan["num_chunks"], plan["chunk"]
+                         probs is not None, chunk_tokens, scan_tile, counts)
+    rows = plan["rows"]
+    # The kernels index the ids as a flat [N * K]: a contiguous [N, K] tensor is that already.
+    ids = selected_experts if selected_experts.is_contiguous() else selected_experts.contiguous()
     row_id_map = torch.empty(num_tokens, topk, dtype=torch.int64, device=device)
-    ids = selected_experts.reshape(-1).contiguous()
-    table = num_chunks * num_experts
-    # one int32 workspace: base [B, E] | meta [2, E + 1] (| hist [B, E] on the three-kernel path)
-    work = torch.empty(2 * (num_experts + 1) + table * (1 if plan["fused"] else 2), dtype=torch.int32, device=device)
-    base, meta = work[:table], work[table:table + 2 * (num_experts + 1)]
+    work = torch.empty(plan["work"], dtype=torch.int32, device=device)
+    tokens_per_expert = torch.empty(num_experts, dtype=torch.int64, device=device) if counts else None
+    cnt = work if tokens_per_expert is None else tokens_per_expert  # never written without HAS_COUNTS
     if plan["fused"]:
-        launch(_expert_count_scan_kernel, (1,), (ids, base, meta, num_slots, num_experts, chunk, num_chunks, align_size),
-               plan["count"], plan["count_warps"])
+        launch(_expert_count_scan_kernel, (1,), (ids, work, num_slots, num_experts, plan["chunk"], plan["num_chunks"],
+                                                 align_size, rows, cnt),
+               plan["count"], plan["count_warps"], plan["count_key"])
     elif num_slots == 0:
-        meta.zero_()
+        work.zero_()
+        if tokens_per_expert is not None:
+            tokens_per_expert.zero_()
     else:
-        hist = work[table + 2 * (num_experts + 1):]
-        launch(_expert_hist_kernel, (num_chunks,), (ids, hist, num_slots, num_experts, chunk), plan["hist"], plan["hist_warps"])
-        launch(_expert_scan_kernel, (1,), (hist, base, meta, num_chunks, num_experts, align_size), plan["scan"],
-               plan["scan_warps"])
-
-    exact_rows = num_out_rows is None
-    if exact_rows:
-        # Launch on the largest size the routing can need and read the exact one after: the host
-        # sync then waits for work already queued instead of stalling between two launches.
-        num_out_rows = num_slots + (num_experts * (align_size - 1) if align_size > 1 else 0)
+        num_chunks = plan["num_chunks"]
+        launch(_expert_hist_kernel, (num_chunks,), (ids, work, num_slots, num_experts, plan["chunk"]), plan["hist"],
+               plan["hist_warps"], plan["hist_key"])
+        launch(_expert_scan_kernel, (1,), (work, num_chunks, num_experts, align_size, rows, cnt), plan["scan"],
+               plan["scan_warps"], plan["scan_key"])
     if hidden > 0 and tokens.stride(1) != 1:
         tokens = tokens.contiguous()
-    permuted = torch.empty(num_out_rows, hidden, dtype=tokens.dtype, device=device)
-    permuted_probs = None if probs is None else torch.empty(num_out_rows, dtype=probs.dtype, device=device)
-    n_pad, zero_rows = plan["n_pad"], plan["zero_rows"]
-    n_tail = 0 if exact_rows else min(_cdiv(num_out_rows, zero_rows), 128)
-    grid = n_pad + n_tail + num_tokens
-    if grid > 0:
-        launch(_permute_kernel, (grid,), (
-            tokens, tokens.stride(0), ids, base, meta,
-            permuted if probs is None else probs.contiguous(), permuted, permuted.stride(0),
+    permuted = torch.empty(rows, hidden, dtype=tokens.dtype, device=device)
+    permuted_probs = None if probs is None else torch.empty(rows, dtype=probs.dtype, device=device)
+    if plan["grid"] > 0:
+        launch(_permute_kernel, (plan["grid"],), (
+            tokens, tokens.stride(0), ids, work, permuted if probs is None else probs.contiguous(), permuted,
             permuted if permuted_probs is None else permuted_probs, row_id_map,
-            topk, num_experts, hidden, num_out_rows, n_pad, n_tail,
-        ), plan["permute"], plan["permute_warps"])
-    if exact_rows:
-        rows = int(meta[num_experts])  # host sync: the output size depends on the routing
-        permuted = permuted[:rows]
-        permuted_probs = None if permuted_probs is None else permuted_probs[:rows]
-    return permuted, permuted_probs, row_id_map
+            topk, num_experts, hidden, rows, plan["n_pad"], plan["n_tail"],
+        ), plan["permute"], plan["permute_warps"], plan["permute_key"])
+    if num_out_rows is None:
+        used = int(work[num_experts])  # host sync: the output size depends on the routing (meta[0, E])
+        permuted = permuted[:used]
+        permuted_probs = None if permuted_probs is None else permuted_probs[:used]
+    return permuted, permuted_probs, row_id_map, tokens_per_expert
 
 
 @functools.lru_cache(maxsize=4096)
 def _row_plan(topk: int, hidden: int, elem_bytes: int, max_row_bytes: int, max_tile_elems: int):
     block_k = _pow2(topk)
     return (block_k,) + _row_block(hidden, elem_bytes, block_k, max_row_bytes, max_tile_elems)
+
+
+@functools.lru_cache(maxsize=4096)
+def _unpermute_plan(topk: int, hidden: int, elem_bytes: int, has_probs: bool):
+    """``(constexprs, num_warps, spec key)`` of one unpermute."""
+    block_k, block_h, num_warps = _row_plan(topk, hidden, elem_bytes, 8192, 8192)
+    constexprs = dict(HAS_PROBS=has_probs, BLOCK_K=block_k, BLOCK_H=block_h)
+    return constexprs, num_warps, launch_spec_key(constexprs, num_warps)
 
 
 def unpermute(permuted: torch.Tensor, row_id_map: torch.Tensor, merging_probs: torch.Tensor | None) -> torch.Tensor:
@@ -515,11 +587,11 @@ def unpermute(permuted: torch.Tensor, row_id_map: torch.Tensor, merging_probs: t
         return out
     if hidden > 0 and permuted.stride(1) != 1:
         permuted = permuted.contiguous()
-    block_k, block_h, num_warps = _row_plan(topk, hidden, permuted.element_size(), 8192, 8192)
+    constexprs, num_warps, spec_key = _unpermute_plan(topk, hidden, permuted.element_size(), merging_probs is not None)
     launch(_unpermute_kernel, (num_tokens,), (
         permuted, permuted.stride(0), row_id_map.contiguous(),
-        out if merging_probs is None else merging_probs.contiguous(), out, out.stride(0), topk, hidden,
-    ), dict(HAS_PROBS=merging_probs is not None, BLOCK_K=block_k, BLOCK_H=block_h), num_warps)
+        out if merging_probs is None else merging_probs.contiguous(), out, topk, hidden,
+    ), constexprs, num_warps, spec_key)
     return out
 
 
@@ -577,9 +649,9 @@ def _scatter_rows(grad_out, permuted, num_rows, row_id_map, merging_probs, probs
     rid = row_id_map.contiguous()
     used = torch.zeros(num_rows + 1, dtype=torch.int8, device=device)
     used.index_fill_(0, torch.where(rid >= 0, rid, num_rows).reshape(-1), 1)  # slot rows; -1 -> row M
-    block_k, block_h, num_warps = _row_plan(topk, hidden, grad_permuted.element_size(), 4096, 8192)
-    zero_block, zero_rows = 128, min(64, max(1, 8192 // block_h))
-    n_zero = _cdiv(num_rows, zero_block)
+    constexprs, num_warps, spec_key = _scatter_plan(topk, hidden, grad_permuted.element_size(),
+                                                    merging_probs is not None, probs_grad)
+    n_zero = _cdiv(num_rows, _ZERO_BLOCK)
     grid = n_zero + num_tokens
     if grid == 0:
         return grad_permuted, grad_probs
@@ -588,6 +660,18 @@ def _scatter_rows(grad_out, permuted, num_rows, row_id_map, merging_probs, probs
         used, permuted, permuted.stride(0), grad_permuted, grad_permuted.stride(0),
         grad_permuted if grad_probs is None else grad_probs,
         topk, hidden, num_rows, n_zero,
-    ), dict(HAS_PROBS=merging_probs is not None, PROBS_GRAD=probs_grad, BLOCK_K=block_k, BLOCK_H=block_h,
-            ZB=zero_block, ZR=min(zero_rows, zero_block)), num_warps)
+    ), constexprs, num_warps, spec_key)
     return grad_permuted, grad_probs
+
+
+_ZERO_BLOCK = 128  # rows per zeroing program of _unpermute_bwd_kernel
+
+
+@functools.lru_cache(maxsize=4096)
+def _scatter_plan(topk: int, hidden: int, elem_bytes: int, has_probs: bool, probs_grad: bool):
+    """``(constexprs, num_warps, spec key)`` of one ``_unpermute_bwd_kernel`` launch."""
+    block_k, block_h, num_warps = _row_plan(topk, hidden, elem_bytes, 4096, 8192)
+    zero_rows = min(64, max(1, 8192 // block_h))
+    constexprs = dict(HAS_PROBS=has_probs, PROBS_GRAD=probs_grad, BLOCK_K=block_k, BLOCK_H=block_h,
+                      ZB=_ZERO_BLOCK, ZR=min(zero_rows, _ZERO_BLOCK))
+    return constexprs, num_warps, launch_spec_key(constexprs, num_warps)

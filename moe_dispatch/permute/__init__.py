@@ -16,6 +16,39 @@ te        TransformerEngine ``moe_permute`` / ``moe_unpermute``   CUDA
 ``"auto"`` takes ``cuda`` (when built), then ``triton``, then ``te`` on CUDA, else ``torch``. All backends
 return the same ``row_id_map`` format (see :mod:`moe_dispatch.permute.reference`), so
 ``unpermute`` of one backend's output works with any backend.
+
+Backend modules (:func:`backend_module`; ``reference`` is ``"torch"``). Every backend module
+defines these functions, with no argument checks (dispatchers check their inputs once, the
+public functions above check theirs); ``M`` = ``num_out_rows``::
+
+    is_available(device) -> bool
+    why_unavailable(device) -> str            # "" when available, else why (with the fix)
+    permute(tokens [N, H] float, selected_experts [N, K] int, num_experts: int,
+            probs [N, K] float | None, align_size: int, num_out_rows: int | None)
+        -> (permuted [M, H] tokens' dtype, permuted_probs [M] probs' dtype | None,
+            row_id_map int64 [N, K])
+    permute_counted(same arguments)
+        -> (permuted, permuted_probs, row_id_map, tokens_per_expert int64 [E])
+    unpermute(permuted [M, H], row_id_map int64 [N, K], merging_probs [N, K] | None)
+        -> [N, H] permuted's dtype (sum over k in fp32)
+    permute_by_map(tokens [N, H], row_id_map int64 [N, K], num_rows: int) -> [num_rows, H]
+
+All outputs on the tokens' device. Rules every backend keeps: rows grouped by expert, in
+(token, k) order inside an expert, each group starting at a multiple of ``align_size``; padding
+rows (alignment, and rows past the last group) are zero; a slot whose row would be ``>= M`` is
+dropped (-1); any id outside ``[0, E)`` is dropped like -1 (never an out-of-range index: the
+dispatchers rely on this where checking the ids would cost a host sync). ``num_out_rows`` None:
+exactly the rows needed, one host sync. ``tokens_per_expert[e]`` = the rows of expert e that
+are filled, ``min(slots of e, max(M - start of e, 0))`` (all its slots when M is None or at
+least ``N * K + E * (align_size - 1)``), computed with the permute (no extra host sync; the
+triton kernels write it in the count kernel, no extra launch). ``permute`` and
+``permute_counted`` are differentiable w.r.t. ``tokens`` and ``probs`` (``row_id_map`` and
+``tokens_per_expert`` are not), ``unpermute`` w.r.t. ``permuted`` and ``merging_probs``,
+``permute_by_map`` w.r.t. ``tokens``. With ``num_out_rows`` given, the torch and triton
+backends' ``permute_counted``, ``unpermute`` and ``permute_by_map`` never sync with the host
+(the triton ``permute`` neither; the torch ``permute`` does on CUDA: boolean-mask indexing; te:
+as far as TransformerEngine's kernels do not). A new backend (e.g. a CUDA-extension module) implements
+the same functions and is added to ``BACKENDS`` / ``_MODULES``.
 """
 from __future__ import annotations
 
@@ -25,6 +58,7 @@ from types import ModuleType
 import torch
 
 from .._checks import check_expert_ids_range, check_routing, describe
+from .reference import count_slots
 
 __all__ = ["permute", "permute_with_probs", "unpermute", "count_tokens_per_expert", "resolve_backend", "backend_module", "BACKENDS"]
 
@@ -33,11 +67,17 @@ _MODULES = {"torch": "reference", "triton": "triton", "cuda": "cuda", "te": "te"
 _AUTO_ORDER_CUDA = ("cuda", "triton", "te")
 
 
-def backend_module(backend: str) -> ModuleType:
-    """The module implementing ``backend`` (a resolved name, not ``"auto"``): its ``permute`` /
-    ``unpermute`` skip argument checks, for dispatchers that validated their inputs already."""
-    return importlib.import_module(f"{__name__}.{_MODULES[backend]}")
+_LOADED: dict[str, ModuleType] = {}  # backend name -> its imported module (what sys.modules holds)
 
+
+def backend_module(backend: str) -> ModuleType:
+    """The module implementing ``backend`` (a resolved name, not ``"auto"``): its functions (see
+    the module docstring) skip argument checks, for dispatchers that validated their inputs
+    already."""
+    module = _LOADED.get(backend)
+    if module is None:
+        module = _LOADED[backend] = importlib.import_module(f"{__name__}.{_MODULES[backend]}")
+    return module
 
 
 def resolve_backend(backend: str, device: torch.device, align_size: int = 1) -> str:
@@ -60,13 +100,9 @@ def resolve_backend(backend: str, device: torch.device, align_size: int = 1) -> 
 
 
 def count_tokens_per_expert(selected_experts: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """int64 ``[E]``: how many (token, k) slots chose each expert (-1 slots are not counted).
-    No host sync."""
-    flat = selected_experts.reshape(-1).long()
-    key = torch.where(flat >= 0, flat, num_experts)
-    # scatter_add, not bincount: CUDA bincount syncs with the host to size its output.
-    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
-    return counts.scatter_add_(0, key, torch.ones_like(key))[:num_experts]
+    """int64 ``[E]``: how many (token, k) slots chose each expert (-1 slots, and any id outside
+    ``[0, E)``, are not counted). No host sync."""
+    return count_slots(selected_experts, num_experts)
 
 
 def _check_permute_args(tokens, selected_experts, num_experts, probs, align_size, num_out_rows):

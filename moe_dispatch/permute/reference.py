@@ -5,7 +5,9 @@ Runs on CPU and GPU, differentiable through ordinary autograd (``index_copy`` /
 
 ``row_id_map`` (the format every backend shares): int64 ``[N, K]``; ``row_id_map[n, k]`` is the
 row of ``permuted`` that holds token ``n``'s copy for its ``k``-th expert, or -1 when that slot
-is dropped (``selected_experts[n, k] == -1``, or its row falls past ``num_out_rows``).
+is dropped (``selected_experts[n, k] == -1``, or its row falls past ``num_out_rows``). Every
+backend treats an id outside ``[0, E)`` like -1 (the public ``permute`` rejects them first; the
+backend functions, called by dispatchers that may not afford the check, drop them).
 
 Worked example, N=3, K=2, E=3, align_size=1::
 
@@ -25,12 +27,22 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["exclusive_cumsum", "make_row_id_map", "permute_rows", "permute_slot_values", "unpermute_rows"]
+__all__ = ["exclusive_cumsum", "count_slots", "make_row_id_map", "filled_rows", "permute_rows", "permute_slot_values", "unpermute_rows"]
 
 
 def exclusive_cumsum(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """``[x0, x1, x2] -> [0, x0, x0 + x1]`` along ``dim`` (start offsets from counts)."""
     return torch.cumsum(x, dim) - x
+
+
+def count_slots(selected_experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int64 ``[E]``: how many (token, k) slots chose each expert; ids outside ``[0, E)`` (-1 or
+    any other) are not counted. No host sync (``scatter_add``, not ``bincount``: CUDA bincount
+    syncs to size its output)."""
+    flat = selected_experts.reshape(-1).long()
+    key = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+    return counts.scatter_add_(0, key, torch.ones_like(key))[:num_experts]
 
 
 def make_row_id_map(
@@ -40,18 +52,27 @@ def make_row_id_map(
 
     When ``num_out_rows`` is None it is computed (one device-to-host sync).
     """
+    row_id_map, num_out_rows, _ = _sort_slots(selected_experts, num_experts, align_size, num_out_rows, False)
+    return row_id_map, num_out_rows
+
+
+def _sort_slots(selected_experts, num_experts, align_size, num_out_rows, with_counts: bool):
+    """:func:`make_row_id_map` plus ``tokens_per_expert`` int64 ``[E]`` (see :func:`filled_rows`;
+    None unless ``with_counts``)."""
     num_tokens, topk = selected_experts.shape
     device = selected_experts.device
     flat = selected_experts.reshape(-1).long()
-    valid = flat >= 0
-    key = torch.where(valid, flat, torch.full_like(flat, num_experts))  # dropped slots sort last
+    valid = (flat >= 0) & (flat < num_experts)
+    key = torch.where(valid, flat, torch.full_like(flat, num_experts))  # dropped slots (any id outside [0, E)) sort last
     counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device).scatter_add_(0, key, torch.ones_like(key))
     padded = (counts + align_size - 1) // align_size * align_size
     padded[num_experts] = 0
     starts = exclusive_cumsum(counts)
     padded_starts = exclusive_cumsum(padded)
+    bound = flat.numel() + (num_experts * (align_size - 1) if align_size > 1 else 0)
     if num_out_rows is None:
         num_out_rows = int(padded.sum())  # host sync: output size depends on the routing
+        bound = num_out_rows
     order = torch.argsort(key, stable=True)
     sorted_key = key[order]
     rank_in_expert = torch.arange(flat.numel(), device=device) - starts[sorted_key]
@@ -59,7 +80,18 @@ def make_row_id_map(
     dest = torch.where((sorted_key < num_experts) & (dest < num_out_rows), dest, torch.full_like(dest, -1))
     row_id_map = torch.empty_like(flat)
     row_id_map[order] = dest
-    return row_id_map.view(num_tokens, topk), num_out_rows
+    tokens_per_expert = counts[:num_experts] if with_counts else None
+    if with_counts and num_out_rows < bound:  # some expert's rows may not all fit
+        tokens_per_expert = filled_rows(tokens_per_expert, padded_starts[:num_experts], num_out_rows)
+    return row_id_map.view(num_tokens, topk), num_out_rows, tokens_per_expert
+
+
+def filled_rows(counts: torch.Tensor, starts: torch.Tensor, num_out_rows: int) -> torch.Tensor:
+    """Rows of each expert that an output of ``num_out_rows`` rows holds: int64 ``[E]``,
+    ``min(counts[e], max(num_out_rows - starts[e], 0))`` (``counts``: slots of each expert,
+    ``starts``: the row its group starts at). Example: counts ``[3, 2, 4]``, align 1 (starts
+    ``[0, 3, 5]``), 6 rows -> ``[3, 2, 1]``."""
+    return torch.minimum(counts, (num_out_rows - starts).clamp(min=0))
 
 
 def permute_rows(tokens: torch.Tensor, row_id_map: torch.Tensor, num_out_rows: int) -> torch.Tensor:
@@ -94,6 +126,10 @@ def is_available(device: torch.device) -> bool:
     return True
 
 
+def why_unavailable(device: torch.device) -> str:
+    return ""
+
+
 def permute(
     tokens: torch.Tensor,
     selected_experts: torch.Tensor,
@@ -108,6 +144,28 @@ def permute(
     if probs is not None:
         permuted_probs = permute_slot_values(probs, row_id_map, num_out_rows)
     return permuted, permuted_probs, row_id_map
+
+
+def permute_counted(
+    tokens: torch.Tensor,
+    selected_experts: torch.Tensor,
+    num_experts: int,
+    probs: torch.Tensor | None,
+    align_size: int,
+    num_out_rows: int | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """:func:`permute` plus ``tokens_per_expert`` int64 ``[E]``: the rows of each expert that are
+    filled (:func:`filled_rows`; every slot of it when ``num_out_rows`` is None or at least
+    ``N * K + E * (align_size - 1)``). No host sync when ``num_out_rows`` is given, on any
+    device: rows are moved with :func:`permute_by_map` (no boolean-mask indexing), same values
+    and gradients as :func:`permute_rows`."""
+    row_id_map, num_out_rows, tokens_per_expert = _sort_slots(selected_experts, num_experts, align_size, num_out_rows,
+                                                              True)
+    permuted = permute_by_map(tokens, row_id_map, num_out_rows)
+    permuted_probs = None
+    if probs is not None:
+        permuted_probs = permute_by_map(probs.reshape(-1, 1), row_id_map.reshape(-1, 1), num_out_rows).view(-1)
+    return permuted, permuted_probs, row_id_map, tokens_per_expert
 
 
 def unpermute(

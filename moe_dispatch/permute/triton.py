@@ -22,16 +22,28 @@ import torch
 
 from .._optional import TRITON_INSTALL_HINT, triton_interpreting
 
-__all__ = ["is_available", "why_unavailable", "permute", "unpermute", "permute_by_map"]
+__all__ = ["is_available", "why_unavailable", "permute", "permute_counted", "unpermute", "permute_by_map"]
 
 _INSTALL = f"triton is not importable: {TRITON_INSTALL_HINT}"
 
 
+_kernels_module = None  # moe_dispatch.kernels.permute once imported (an import statement costs ~1 us a call)
+
+
 def _kernels():
+    kernels = _kernels_module
+    if kernels is None:
+        kernels = _import_kernels()
+    return kernels
+
+
+def _import_kernels():
+    global _kernels_module
     try:
         from ..kernels import permute as kernels
     except ImportError as exc:  # pragma: no cover - depends on the machine
         raise ImportError(f"{_INSTALL} ({exc})") from exc
+    _kernels_module = kernels
     return kernels
 
 
@@ -84,11 +96,36 @@ def _permute_op(
 
 
 @_permute_op.register_fake
-def _(tokens, selected_experts, probs, num_experts, align_size, num_out_rows):
+def _permute_fake(tokens, selected_experts, probs, num_experts, align_size, num_out_rows):
     rows = torch.library.get_ctx().new_dynamic_size() if num_out_rows < 0 else num_out_rows
     permuted_probs = tokens.new_empty(0) if probs is None else probs.new_empty(rows)
     row_id_map = selected_experts.new_empty(selected_experts.shape, dtype=torch.int64)
     return tokens.new_empty(rows, tokens.shape[1]), permuted_probs, row_id_map
+
+
+@torch.library.custom_op("moe_dispatch::triton_permute_counted", mutates_args=())
+def _permute_counted_op(
+    tokens: torch.Tensor,
+    selected_experts: torch.Tensor,
+    probs: Optional[torch.Tensor],
+    num_experts: int,
+    align_size: int,
+    num_out_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_permute_op`` and ``tokens_per_expert`` int64 ``[E]`` (see :func:`permute_counted`)."""
+    permuted, permuted_probs, row_id_map, counts = _kernels().permute_counted(
+        tokens, selected_experts, num_experts, probs, align_size, None if num_out_rows < 0 else num_out_rows
+    )
+    if permuted_probs is None:
+        permuted_probs = tokens.new_empty(0)
+    return permuted, permuted_probs, row_id_map, counts
+
+
+@_permute_counted_op.register_fake
+def _(tokens, selected_experts, probs, num_experts, align_size, num_out_rows):
+    permuted, permuted_probs, row_id_map = _permute_fake(tokens, selected_experts, probs, num_experts, align_size,
+                                                         num_out_rows)
+    return permuted, permuted_probs, row_id_map, selected_experts.new_empty(num_experts, dtype=torch.int64)
 
 
 def _permute_setup(ctx, inputs, output):
@@ -98,7 +135,7 @@ def _permute_setup(ctx, inputs, output):
     ctx.probs_dtype = None if probs is None else probs.dtype
 
 
-def _permute_backward(ctx, grad_permuted, grad_permuted_probs, _grad_row_id_map):
+def _permute_backward(ctx, grad_permuted, grad_permuted_probs, _grad_row_id_map, *_grad_counts):
     (row_id_map,) = ctx.saved_tensors
     grad_tokens = grad_probs = None
     if ctx.needs_input_grad[0] and grad_permuted is not None:
@@ -154,6 +191,7 @@ def _unpermute_backward(ctx, grad_out):
 
 _unpermute_op.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
 _permute_op.register_autograd(_permute_backward, setup_context=_permute_setup)
+_permute_counted_op.register_autograd(_permute_backward, setup_context=_permute_setup)
 
 
 # --- eager path: the same kernels without the custom-op dispatcher --------------------------
@@ -169,24 +207,31 @@ def _grad_of_probs(grad_permuted_probs: torch.Tensor, row_id_map: torch.Tensor) 
 
 
 class _PermuteFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tokens, selected_experts, probs, num_experts, align_size, num_out_rows):
-        permuted, permuted_probs, row_id_map = _kernels().permute(
-            tokens, selected_experts, num_experts, probs, align_size, num_out_rows)
-        ctx.mark_non_differentiable(row_id_map)
-        ctx.save_for_backward(row_id_map)
-        ctx.dtypes = (tokens.dtype, None if probs is None else probs.dtype)
-        return permuted, permuted_probs, row_id_map
+    """``(permuted, permuted_probs, row_id_map, tokens_per_expert)`` (the last two
+    non-differentiable; ``tokens_per_expert`` None unless ``counted``)."""
 
     @staticmethod
-    def backward(ctx, grad_permuted, grad_permuted_probs, _grad_row_id_map):
+    def forward(ctx, tokens, selected_experts, probs, num_experts, align_size, num_out_rows, counted):
+        kernels = _kernels()
+        if counted:
+            out = kernels.permute_counted(tokens, selected_experts, num_experts, probs, align_size, num_out_rows)
+            ctx.mark_non_differentiable(out[2], out[3])
+        else:
+            out = kernels.permute(tokens, selected_experts, num_experts, probs, align_size, num_out_rows) + (None,)
+            ctx.mark_non_differentiable(out[2])
+        ctx.save_for_backward(out[2])
+        ctx.dtypes = (tokens.dtype, None if probs is None else probs.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_permuted, grad_permuted_probs, _grad_row_id_map, _grad_counts):
         (row_id_map,) = ctx.saved_tensors
         grad_tokens = grad_probs = None
         if ctx.needs_input_grad[0] and grad_permuted is not None:
             grad_tokens = unpermute(grad_permuted, row_id_map, None).to(ctx.dtypes[0])
         if ctx.needs_input_grad[2] and grad_permuted_probs is not None:
             grad_probs = _grad_of_probs(grad_permuted_probs, row_id_map).to(ctx.dtypes[1])
-        return grad_tokens, None, grad_probs, None, None, None
+        return grad_tokens, None, grad_probs, None, None, None, None
 
 
 class _UnpermuteFn(torch.autograd.Function):
@@ -215,8 +260,8 @@ class _PermuteByMapFn(torch.autograd.Function):
         return unpermute(grad_out, row_id_map, None), None, None
 
 
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _needs_grad(a: torch.Tensor, b: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and (a.requires_grad or (b is not None and b.requires_grad))
 
 
 # --- backend interface (see moe_dispatch.permute) ---------------------------------------------
@@ -236,8 +281,29 @@ def permute(
         )
         return permuted, None if probs is None else permuted_probs, row_id_map
     if _needs_grad(tokens, probs):
-        return _PermuteFn.apply(tokens, selected_experts, probs, num_experts, align_size, num_out_rows)
+        return _PermuteFn.apply(tokens, selected_experts, probs, num_experts, align_size, num_out_rows, False)[:3]
     return _kernels().permute(tokens, selected_experts, num_experts, probs, align_size, num_out_rows)
+
+
+def permute_counted(
+    tokens: torch.Tensor,
+    selected_experts: torch.Tensor,
+    num_experts: int,
+    probs: Optional[torch.Tensor],
+    align_size: int,
+    num_out_rows: Optional[int],
+) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """:func:`permute` and ``tokens_per_expert`` int64 ``[E]`` (rows of each expert that are filled;
+    see :func:`moe_dispatch.kernels.permute.permute_counted`), written by the count kernel itself:
+    the same launches as :func:`permute`. Not differentiable (the other outputs are, as in permute)."""
+    if torch.compiler.is_compiling():
+        permuted, permuted_probs, row_id_map, counts = _permute_counted_op(
+            tokens, selected_experts, probs, num_experts, align_size, -1 if num_out_rows is None else num_out_rows
+        )
+        return permuted, None if probs is None else permuted_probs, row_id_map, counts
+    if _needs_grad(tokens, probs):
+        return _PermuteFn.apply(tokens, selected_experts, probs, num_experts, align_size, num_out_rows, True)
+    return _kernels().permute_counted(tokens, selected_experts, num_experts, probs, align_size, num_out_rows)
 
 
 def unpermute(
@@ -256,6 +322,6 @@ def permute_by_map(tokens: torch.Tensor, row_id_map: torch.Tensor, num_rows: int
     """``[num_rows, H]``: ``out[row_id_map[n, k]] = tokens[n]``, zero rows elsewhere, for a
     ``row_id_map`` computed elsewhere (e.g. the all-to-all capacity layout); each row used at most
     once. Differentiable w.r.t. ``tokens`` (backward: an unpermute without weights). No host sync."""
-    if _needs_grad(tokens):
+    if _needs_grad(tokens, None):
         return _PermuteByMapFn.apply(tokens, row_id_map, num_rows)
     return _kernels().permute_by_map(tokens, row_id_map, num_rows)
