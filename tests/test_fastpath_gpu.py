@@ -18,6 +18,17 @@ pytestmark = pytest.mark.gpu
 DEV = "cuda"
 
 
+def _cuda_backend_built() -> bool:
+    from moe_dispatch.permute import backend_module
+
+    return torch.cuda.is_available() and backend_module("cuda").is_available(torch.device("cuda"))
+
+
+# the permute backends of the sync-free paths; "cuda" (the C++ extension) only where it is built
+BACKENDS = ["triton", "torch", pytest.param("cuda", marks=pytest.mark.skipif(
+    not _cuda_backend_built(), reason="the CUDA extension is not built (MOE_DISPATCH_BUILD_CUDA=1)"))]
+
+
 def _routing(n, k, e, seed, device=DEV):
     g = torch.Generator().manual_seed(seed)
     se = torch.rand(n, e, generator=g).topk(k, -1).indices
@@ -103,7 +114,7 @@ def _capacity_step(d, x, se, w, W):
     return y, out
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_capacity_mode_has_no_host_sync(backend):
     E, H, N, K = 8, 256, 512, 2
     d = AllToAllTokenDispatcher(E, E, H, permute_backend=backend, max_tokens_per_rank=N, dropless=False)
@@ -146,7 +157,7 @@ def test_capacity_mode_no_host_sync_nccl_world_of_one():
     assert run_ranks(_nccl_world_of_one, 1, "triton", backend="nccl", timeout=180) == [True]
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_graph_replay_equals_eager_dispatch_experts_combine_backward(backend):
     E, H, N, K = 8, 256, 384, 2
     d = AllToAllTokenDispatcher(E, E, H, permute_backend=backend, max_tokens_per_rank=N, dropless=False)
@@ -191,7 +202,7 @@ def _with_drops(se, seed):
     return se.masked_fill((torch.rand(se.shape, generator=g) < 0.2).to(se.device), -1)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_one_rank_dropless_has_no_host_sync(backend):
     """EP=1 without a group, dropless: dispatch (permute_counted on N*K rows), combine and
     backward with zero host syncs; equal to the permute on exact rows in the first R rows."""
@@ -216,7 +227,7 @@ def test_one_rank_dropless_has_no_host_sync(backend):
     assert torch.equal(out.expert_input[:R], ref) and not out.expert_input[R:].any()
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_one_rank_dropless_graph_replay_equals_eager(backend):
     """EP=1 dropless dispatch -> experts -> combine -> backward captured in one CUDA graph:
     replays equal eager, also after new routing (with -1 slots) is copied into the input."""
@@ -259,7 +270,7 @@ def test_one_rank_dropless_graph_replay_equals_eager(backend):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_one_rank_dropless_cuda_ids_out_of_range_select_nothing(backend):
     """On CUDA, EP=1 dropless does not check the ids (a host sync): ids outside [-1, E) act as -1."""
     E, H, N = 4, 64, 6

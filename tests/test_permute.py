@@ -122,7 +122,7 @@ def test_te_backend_unavailable_on_cpu_says_why():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["te", "triton"])
+@pytest.mark.parametrize("backend", ["te", "triton", "cuda"])
 def test_cuda_backends_equal_torch(backend):
     from moe_dispatch.permute import resolve_backend
     dev = torch.device("cuda")
@@ -144,7 +144,7 @@ def test_cuda_backends_equal_torch(backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["te", "triton", "torch"])
+@pytest.mark.parametrize("backend", ["te", "triton", "cuda", "torch"])
 def test_cuda_permute_counted_equals_torch(backend):
     """permute_counted on CUDA with -1 slots and num_out_rows = N*K (the EP=1 dispatch): rows,
     row map and counts equal the reference, padding rows zero, gradients equal (the te backend

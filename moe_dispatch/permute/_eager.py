@@ -30,9 +30,10 @@ import torch
 __all__ = ["EagerOps", "needs_grad", "grad_of_permuted_probs"]
 
 
-def needs_grad(*tensors) -> bool:
-    """Whether autograd must record a call on these tensors (None entries ignored)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def needs_grad(a: torch.Tensor, b: torch.Tensor | None = None) -> bool:
+    """Whether autograd must record a call on ``a`` and ``b`` (None ignored). Spelled out, not a
+    generator over ``*tensors``: it runs on every eager call."""
+    return torch.is_grad_enabled() and (a.requires_grad or (b is not None and b.requires_grad))
 
 
 def grad_of_permuted_probs(grad_permuted_probs: torch.Tensor, row_id_map: torch.Tensor) -> torch.Tensor:
@@ -59,8 +60,9 @@ class EagerOps:
         class PermuteFn(torch.autograd.Function):
             @staticmethod
             def forward(ctx, tokens, selected_experts, probs, num_experts, align_size, num_out_rows, counted):
-                fn = ops.kernels.permute_counted if counted else ops.kernels.permute
-                outs = fn(tokens, selected_experts, num_experts, probs, align_size, num_out_rows)
+                kernels = ops.kernels
+                fn = kernels.permute_counted if counted else kernels.permute
+                outs = tuple(fn(tokens, selected_experts, num_experts, probs, align_size, num_out_rows))
                 ctx.mark_non_differentiable(*outs[2:])
                 ctx.save_for_backward(outs[2])
                 ctx.dtypes = (tokens.dtype, None if probs is None else probs.dtype)

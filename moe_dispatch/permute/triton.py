@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from .._optional import TRITON_INSTALL_HINT, triton_interpreting
+from ._eager import EagerOps, grad_of_permuted_probs
 
 __all__ = ["is_available", "why_unavailable", "permute", "permute_counted", "unpermute", "permute_by_map"]
 
@@ -141,7 +142,7 @@ def _permute_backward(ctx, grad_permuted, grad_permuted_probs, _grad_row_id_map,
     if ctx.needs_input_grad[0] and grad_permuted is not None:
         grad_tokens = _unpermute_op(grad_permuted, row_id_map, None).to(ctx.tokens_dtype)
     if ctx.needs_input_grad[2] and grad_permuted_probs is not None:
-        grad_probs = _grad_of_probs(grad_permuted_probs, row_id_map).to(ctx.probs_dtype)
+        grad_probs = grad_of_permuted_probs(grad_permuted_probs, row_id_map).to(ctx.probs_dtype)
     return grad_tokens, None, grad_probs, None, None, None
 
 
@@ -196,72 +197,9 @@ _permute_counted_op.register_autograd(_permute_backward, setup_context=_permute_
 
 # --- eager path: the same kernels without the custom-op dispatcher --------------------------
 # ``torch.library.custom_op`` costs tens of microseconds of host time per call in eager mode;
-# outside ``torch.compile`` the kernels are called directly (no autograd needed) or through a
-# plain ``autograd.Function`` with the same backward as the custom op's.
-
-def _grad_of_probs(grad_permuted_probs: torch.Tensor, row_id_map: torch.Tensor) -> torch.Tensor:
-    """Backward of the probs' permute: a gather of N*K values (torch is enough). Dropped slots
-    read the zero appended at row M."""
-    padded = torch.cat([grad_permuted_probs, grad_permuted_probs.new_zeros(1)])
-    return padded[torch.where(row_id_map >= 0, row_id_map, grad_permuted_probs.shape[0])]
-
-
-class _PermuteFn(torch.autograd.Function):
-    """``(permuted, permuted_probs, row_id_map, tokens_per_expert)`` (the last two
-    non-differentiable; ``tokens_per_expert`` None unless ``counted``)."""
-
-    @staticmethod
-    def forward(ctx, tokens, selected_experts, probs, num_experts, align_size, num_out_rows, counted):
-        kernels = _kernels()
-        if counted:
-            out = kernels.permute_counted(tokens, selected_experts, num_experts, probs, align_size, num_out_rows)
-            ctx.mark_non_differentiable(out[2], out[3])
-        else:
-            out = kernels.permute(tokens, selected_experts, num_experts, probs, align_size, num_out_rows) + (None,)
-            ctx.mark_non_differentiable(out[2])
-        ctx.save_for_backward(out[2])
-        ctx.dtypes = (tokens.dtype, None if probs is None else probs.dtype)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_permuted, grad_permuted_probs, _grad_row_id_map, _grad_counts):
-        (row_id_map,) = ctx.saved_tensors
-        grad_tokens = grad_probs = None
-        if ctx.needs_input_grad[0] and grad_permuted is not None:
-            grad_tokens = unpermute(grad_permuted, row_id_map, None).to(ctx.dtypes[0])
-        if ctx.needs_input_grad[2] and grad_permuted_probs is not None:
-            grad_probs = _grad_of_probs(grad_permuted_probs, row_id_map).to(ctx.dtypes[1])
-        return grad_tokens, None, grad_probs, None, None, None, None
-
-
-class _UnpermuteFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, permuted, row_id_map, merging_probs):
-        ctx.save_for_backward(permuted, row_id_map, merging_probs)
-        return _kernels().unpermute(permuted, row_id_map, merging_probs)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        permuted, row_id_map, merging_probs = ctx.saved_tensors
-        probs_grad = merging_probs is not None and ctx.needs_input_grad[2]
-        grad_permuted, grad_probs = _kernels().unpermute_backward(grad_out, permuted, row_id_map, merging_probs, probs_grad)
-        return grad_permuted, None, grad_probs
-
-
-class _PermuteByMapFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tokens, row_id_map, num_rows):
-        ctx.save_for_backward(row_id_map)
-        return _kernels().permute_by_map(tokens, row_id_map, num_rows)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (row_id_map,) = ctx.saved_tensors
-        return unpermute(grad_out, row_id_map, None), None, None
-
-
-def _needs_grad(a: torch.Tensor, b: Optional[torch.Tensor]) -> bool:
-    return torch.is_grad_enabled() and (a.requires_grad or (b is not None and b.requires_grad))
+# outside ``torch.compile`` the kernels are called directly (no autograd needed) or through the
+# plain ``autograd.Function``s of :mod:`._eager`, with the same backward as the custom ops'.
+_EAGER = EagerOps(_kernels)
 
 
 # --- backend interface (see moe_dispatch.permute) ---------------------------------------------
@@ -280,9 +218,7 @@ def permute(
             tokens, selected_experts, probs, num_experts, align_size, -1 if num_out_rows is None else num_out_rows
         )
         return permuted, None if probs is None else permuted_probs, row_id_map
-    if _needs_grad(tokens, probs):
-        return _PermuteFn.apply(tokens, selected_experts, probs, num_experts, align_size, num_out_rows, False)[:3]
-    return _kernels().permute(tokens, selected_experts, num_experts, probs, align_size, num_out_rows)
+    return _EAGER.permute(tokens, selected_experts, num_experts, probs, align_size, num_out_rows)
 
 
 def permute_counted(
@@ -301,9 +237,7 @@ def permute_counted(
             tokens, selected_experts, probs, num_experts, align_size, -1 if num_out_rows is None else num_out_rows
         )
         return permuted, None if probs is None else permuted_probs, row_id_map, counts
-    if _needs_grad(tokens, probs):
-        return _PermuteFn.apply(tokens, selected_experts, probs, num_experts, align_size, num_out_rows, True)
-    return _kernels().permute_counted(tokens, selected_experts, num_experts, probs, align_size, num_out_rows)
+    return _EAGER.permute_counted(tokens, selected_experts, num_experts, probs, align_size, num_out_rows)
 
 
 def unpermute(
@@ -313,15 +247,11 @@ def unpermute(
     in fp32; see :func:`moe_dispatch.permute.unpermute`."""
     if torch.compiler.is_compiling():
         return _unpermute_op(permuted, row_id_map, merging_probs)
-    if _needs_grad(permuted, merging_probs):
-        return _UnpermuteFn.apply(permuted, row_id_map, merging_probs)
-    return _kernels().unpermute(permuted, row_id_map, merging_probs)
+    return _EAGER.unpermute(permuted, row_id_map, merging_probs)
 
 
 def permute_by_map(tokens: torch.Tensor, row_id_map: torch.Tensor, num_rows: int) -> torch.Tensor:
     """``[num_rows, H]``: ``out[row_id_map[n, k]] = tokens[n]``, zero rows elsewhere, for a
     ``row_id_map`` computed elsewhere (e.g. the all-to-all capacity layout); each row used at most
     once. Differentiable w.r.t. ``tokens`` (backward: an unpermute without weights). No host sync."""
-    if _needs_grad(tokens, None):
-        return _PermuteByMapFn.apply(tokens, row_id_map, num_rows)
-    return _kernels().permute_by_map(tokens, row_id_map, num_rows)
+    return _EAGER.permute_by_map(tokens, row_id_map, num_rows)
