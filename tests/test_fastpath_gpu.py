@@ -157,11 +157,12 @@ def test_capacity_mode_no_host_sync_nccl_world_of_one():
     assert run_ranks(_nccl_world_of_one, 1, "triton", backend="nccl", timeout=180) == [True]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_graph_replay_equals_eager_dispatch_experts_combine_backward(backend):
+def _check_graph_replay_equals_eager(d, seed: int, next_routing) -> None:
+    """dispatch -> experts -> combine -> backward of ``d`` captured in one CUDA graph: replays equal
+    eager bitwise (outputs and every gradient), also after ``next_routing(se)`` is copied into the
+    routing input."""
     E, H, N, K = 8, 256, 384, 2
-    d = AllToAllTokenDispatcher(E, E, H, permute_backend=backend, max_tokens_per_rank=N, dropless=False)
-    se, w0 = _routing(N, K, E, 5)
+    se, w0 = _routing(N, K, E, seed)
     x = torch.randn(N, H, device=DEV, requires_grad=True)
     w = w0.clone().requires_grad_()
     W = (torch.randn(E, H, H, device=DEV) / 16).requires_grad_()
@@ -173,7 +174,7 @@ def test_graph_replay_equals_eager_dispatch_experts_combine_backward(backend):
 
     from moe_dispatch.graph import capture
 
-    ref = eager()
+    refs = [eager()]
 
     def step():
         x.grad = w.grad = W.grad = None
@@ -181,20 +182,22 @@ def test_graph_replay_equals_eager_dispatch_experts_combine_backward(backend):
 
     graph, y = capture(step)
     static = (y, x.grad, w.grad, W.grad)  # written by every replay (eager() below rebinds .grad)
-    for _ in range(2):
+    for replay in range(3):
+        if replay == 2:  # new routing through the same graph
+            se.copy_(next_routing(N, K, E))
+            refs.append(eager())
         for t in static[1:]:
             t.zero_()
         graph.replay()
         torch.cuda.synchronize()
-        for a, b in zip(static, ref):
+        for a, b in zip(static, refs[-1]):
             assert torch.equal(a, b)
-    # new routing through the same graph: still equal to eager
-    se.copy_(_routing(N, K, E, 6)[0])
-    ref2 = eager()
-    graph.replay()
-    torch.cuda.synchronize()
-    for a, b in zip(static, ref2):
-        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_graph_replay_equals_eager_dispatch_experts_combine_backward(backend):
+    d = AllToAllTokenDispatcher(8, 8, 256, permute_backend=backend, max_tokens_per_rank=384, dropless=False)
+    _check_graph_replay_equals_eager(d, 5, lambda N, K, E: _routing(N, K, E, 6)[0])
 
 
 def _with_drops(se, seed):
@@ -231,43 +234,8 @@ def test_one_rank_dropless_has_no_host_sync(backend):
 def test_one_rank_dropless_graph_replay_equals_eager(backend):
     """EP=1 dropless dispatch -> experts -> combine -> backward captured in one CUDA graph:
     replays equal eager, also after new routing (with -1 slots) is copied into the input."""
-    E, H, N, K = 8, 256, 384, 2
-    d = AllToAllTokenDispatcher(E, E, H, permute_backend=backend)
-    se, w0 = _routing(N, K, E, 12)
-    x = torch.randn(N, H, device=DEV, requires_grad=True)
-    w = w0.clone().requires_grad_()
-    W = (torch.randn(E, H, H, device=DEV) / 16).requires_grad_()
-
-    def eager():
-        x.grad = w.grad = W.grad = None
-        y, out = _capacity_step(d, x, se, w, W)
-        return y.detach().clone(), x.grad.clone(), w.grad.clone(), W.grad.clone()
-
-    from moe_dispatch.graph import capture
-
-    ref = eager()
-
-    def step():
-        x.grad = w.grad = W.grad = None
-        return _capacity_step(d, x, se, w, W)[0]
-
-    graph, y = capture(step)
-    static = (y, x.grad, w.grad, W.grad)
-    for _ in range(2):
-        for t in static[1:]:
-            t.zero_()
-        graph.replay()
-        torch.cuda.synchronize()
-        for a, b in zip(static, ref):
-            assert torch.equal(a, b)
-    se.copy_(_with_drops(_routing(N, K, E, 13)[0], 13))
-    ref2 = eager()
-    for t in static[1:]:
-        t.zero_()
-    graph.replay()
-    torch.cuda.synchronize()
-    for a, b in zip(static, ref2):
-        assert torch.equal(a, b)
+    d = AllToAllTokenDispatcher(8, 8, 256, permute_backend=backend)
+    _check_graph_replay_equals_eager(d, 12, lambda N, K, E: _with_drops(_routing(N, K, E, 13)[0], 13))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
