@@ -226,7 +226,7 @@ def test_argument_errors_name_the_argument(fake_deep_ep, monkeypatch):
     with pytest.raises(ValueError, match="num_sms"):
         FusedTokenRouter(8, 4, 64, 2, num_sms=7)
     with pytest.raises(ValueError, match="permute_backend"):
-        FusedTokenRouter(8, 4, 64, 2, permute_backend="cuda")
+        FusedTokenRouter(8, 4, 64, 2, permute_backend="cuda-magic")
     monkeypatch.setenv(SMS_ENV_VAR, "many")
     with pytest.raises(ValueError, match=SMS_ENV_VAR):
         FusedTokenRouter(8, 4, 64, 2)

@@ -111,7 +111,7 @@ class AllToAllTokenDispatcher(DispatcherBase):
         num_local_experts: L = E / ep_size, experts on each rank.
         hidden_size: H.
         ep_size: ranks of the EP group; 1 means no communication.
-        permute_backend: ``"auto" | "torch" | "triton" | "te"`` (see ``moe_dispatch.permute``).
+        permute_backend: ``"auto" | "torch" | "triton" | "cuda" | "te"`` (see ``moe_dispatch.permute``).
         max_tokens_per_rank: C, the capacity (see the module docstring); required with
             ``dropless=False``, unused in dropless mode.
         dropless: True (default): exact rows, one host sync per dispatch (none at

@@ -234,7 +234,7 @@ class FusedTokenRouter(DispatcherBase):
             runs locally, without DeepEP.
         num_sms: SMs DeepEP's kernels use (even); default: environment variable
             ``MOE_DISPATCH_DEEPEP_SMS``, else 20. Applies to this router's configs only.
-        permute_backend: ``"auto" | "torch" | "triton" | "te"`` (see ``moe_dispatch.permute``).
+        permute_backend: ``"auto" | "torch" | "triton" | "cuda" | "te"`` (see ``moe_dispatch.permute``).
 
     ``hidden_states`` must be bf16 once a group is bound (DeepEP's combine reduces bf16 only);
     ``routing_weights`` travel and are applied in fp32. The router owns one DeepEP ``Buffer``

@@ -51,7 +51,7 @@ class NVMoEConfigFields:
             statistics of all MoE layers pooled into one loss) or ``"per_layer"`` (Megatron-Core:
             one loss per layer, summed). See :func:`moe_dispatch.models.common.modeling.moe_aux_loss`.
         expert_backend: ``"auto" | "grouped_mm" | "te" | "loop" | "fused"`` (see ``moe_dispatch.experts``).
-        permute_backend: ``"auto" | "torch" | "triton" | "te"`` for the default dispatcher.
+        permute_backend: ``"auto" | "torch" | "triton" | "cuda" | "te"`` for the default dispatcher.
         attn_backend: ``"auto" | "sdpa" | "te"``; auto takes TE's fused attention on CUDA when
             TransformerEngine is installed.
     """
