@@ -12,12 +12,13 @@ Shape legend::
 
 Forward, per expert ``e`` and row ``r`` of it (3 launches, no host sync)::
 
-    gate+up   h[r] = silu(x[src(r)] Wg_e^T) * (x[src(r)] Wu_e^T)      [R, I]  (g | u kept for bwd)
+    gate+up   h[r] = silu(x[src(r)] Wg_e^T) * (x[src(r)] Wu_e^T)      [R, I]  (g | u kept for bwd, h not)
     down      y[r] = h[r] Wd_e^T                                       [R, H]
               or, scatter: out[tok(r)] += w[r] * y[r]   (fp32 atomics)  [N, H]
 
-Backward (4 launches): ``dH = dY Wd_e`` with the SwiGLU backward in its epilogue (and the
-routing-weight grad ``dw[r] = dout[tok(r)] . y[r]`` as ``sum(dH_unweighted * h)``), ``dX = dGU
+Backward (4 launches): ``dH = dY Wd_e`` with the SwiGLU backward in its epilogue (which also
+recomputes h from g | u, and the routing-weight grad ``dw[r] = dout[tok(r)] . y[r]`` as
+``sum(dH_unweighted * h)``), ``dX = dGU
 Wgu_e`` (scatter-added into token rows when gathered), ``dWgu_e = dGU^T X``, ``dWd_e = dY^T H``.
 
 Public entry points: :func:`fused_swiglu_experts` (rows already grouped: the ``"fused"`` backend of
@@ -57,7 +58,9 @@ def _fused_experts_fwd(
     x: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
     row_token: Optional[torch.Tensor], row_weight: Optional[torch.Tensor],
     num_rows: int, num_out: int, gather: bool, scatter: bool, save: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, gu)``: ``gu [R, 2I]`` the gate | up pre-activations kept for the backward (empty
+    unless ``save``); h [R, I] lives only until the down GEMM has read it."""
     kernels = _kernels()
     H = w_gate_up.shape[2]
     h, gu = kernels.gate_up_swiglu(x, counts, w_gate_up, num_rows, row_token=row_token if gather else None,
@@ -66,39 +69,47 @@ def _fused_experts_fwd(
         out32 = torch.zeros(num_out, H, device=x.device, dtype=torch.float32)
         kernels.rows_gemm(h, counts, w_down, _down_strides_fwd(w_down), H, out32, num_rows,
                           epilogue=kernels.EPI_SCATTER, row_token=row_token, row_weight=row_weight)
+        del h
         out = out32.to(x.dtype)
     else:
         out = torch.empty(num_rows, H, device=x.device, dtype=x.dtype)
         kernels.rows_gemm(h, counts, w_down, _down_strides_fwd(w_down), H, out, num_rows)
-    return out, (h if save else h.new_empty(0)), (gu if save else h.new_empty(0))
+    return out, (gu if save else x.new_empty(0))
 
 
 @_fused_experts_fwd.register_fake
 def _(x, counts, w_gate_up, w_down, row_token, row_weight, num_rows, num_out, gather, scatter, save):
     H, I = w_gate_up.shape[2], w_down.shape[2]
     out = x.new_empty(num_out if scatter else num_rows, H)
-    h = x.new_empty((num_rows, I) if save else (0,))
-    return out, h, x.new_empty((num_rows, 2 * I) if save else (0,))
+    return out, x.new_empty((num_rows, 2 * I) if save else (0,))
 
 
 @torch.library.custom_op("moe_dispatch::fused_experts_bwd", mutates_args=())
 def _fused_experts_bwd(
     dout: torch.Tensor, x: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
-    row_token: Optional[torch.Tensor], row_weight: Optional[torch.Tensor], h: torch.Tensor, gu: torch.Tensor,
+    row_token: Optional[torch.Tensor], row_weight: Optional[torch.Tensor], gu: torch.Tensor,
     num_rows: int, gather: bool, scatter: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The four backward GEMMs, ordered for peak memory: every buffer is freed as soon as its last
+    reader has run, and the largest results (the weight grads) are allocated last (see
+    benchmarks/NOTES_fused_experts.md, "Peak memory")."""
     kernels = _kernels()
     L, two_i, H = w_gate_up.shape
     I = two_i // 2
     dout = dout.contiguous()
-    dgu = torch.empty(num_rows, two_i, device=x.device, dtype=x.dtype)
     # Gathered rows are copied once here ([R, H] each, a few % of the GEMMs' time): the GEMMs on
     # plain rows are the fastest ones (and torch._grouped_mm can be a candidate for them).
     dout_rows = dout.index_select(0, row_token) if scatter else dout
-    # dH = dY Wd_e (B element (e, k over H, n over I)), SwiGLU backward fused -> dGU [R, 2I]
+    # dH = dY Wd_e (B element (e, k over H, n over I)), SwiGLU backward fused -> dGU [R, 2I], and
+    # h = silu(g) * u recomputed from the saved g | u for the down weight's grad
+    dgu = torch.empty(num_rows, two_i, device=x.device, dtype=x.dtype)
+    h = torch.empty(num_rows, I, device=x.device, dtype=x.dtype)
     d_row_weight = kernels.rows_gemm(
         dout_rows, counts, w_down, (w_down.stride(0), w_down.stride(1), w_down.stride(2)), I, dgu, num_rows,
-        epilogue=kernels.EPI_SWIGLU_BWD, row_weight=row_weight if scatter else None, gate_up=gu)
+        epilogue=kernels.EPI_SWIGLU_BWD, row_weight=row_weight if scatter else None, gate_up=gu, h_out=h)
+    # dY = w * dout[tok] when scattered (fp32 product, rounded once)
+    dy_rows = (dout_rows.float() * row_weight[:, None]).to(x.dtype) if scatter else dout
+    del dout_rows
     # dX = dGU Wgu_e (B element (e, k over 2I, n over H))
     gu_strides = (w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2))
     if gather:
@@ -106,13 +117,15 @@ def _fused_experts_bwd(
         kernels.rows_gemm(dgu, counts, w_gate_up, gu_strides, H, dx32, num_rows,
                           epilogue=kernels.EPI_SCATTER, row_token=row_token)
         dx = dx32.to(x.dtype)
+        del dx32
     else:
         dx = torch.empty_like(x)
         kernels.rows_gemm(dgu, counts, w_gate_up, gu_strides, H, dx, num_rows)
-    # dWgu_e = dGU_e^T X_e ; dWd_e = dY_e^T H_e (dY = w * dout[tok] when scattered)
+    # dWgu_e = dGU_e^T X_e, then dGU is dropped before the down weight's grad is allocated
     x_rows = x.index_select(0, row_token) if gather else x
     dw_gate_up = kernels.expert_weight_grad(dgu, x_rows, counts, num_rows)
-    dy_rows = (dout_rows.float() * row_weight[:, None]).to(x.dtype) if scatter else dout
+    del dgu, x_rows
+    # dWd_e = dY_e^T H_e
     dw_down = kernels.expert_weight_grad(dy_rows, h, counts, num_rows)
     if d_row_weight is None:
         d_row_weight = x.new_empty(0, dtype=torch.float32)
@@ -120,24 +133,30 @@ def _fused_experts_bwd(
 
 
 @_fused_experts_bwd.register_fake
-def _(dout, x, counts, w_gate_up, w_down, row_token, row_weight, h, gu, num_rows, gather, scatter):
+def _(dout, x, counts, w_gate_up, w_down, row_token, row_weight, gu, num_rows, gather, scatter):
     return (torch.empty_like(x), torch.empty_like(w_gate_up), torch.empty_like(w_down),
             x.new_empty(num_rows if scatter else 0, dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
     x, counts, w_gate_up, w_down, row_token, row_weight, num_rows, num_out, gather, scatter, save = inputs
-    _, h, gu = output
-    ctx.save_for_backward(x, counts, w_gate_up, w_down, row_token, row_weight, h, gu)
+    _, gu = output
+    # gu is kept for the backward only: no gradient flows into it, and autograd must not build
+    # a zero [R, 2I] gradient for it (materialised grads would cost R x 2I at every backward).
+    ctx.mark_non_differentiable(gu)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, counts, w_gate_up, w_down, row_token, row_weight, gu)
     ctx.flags = (num_rows, gather, scatter, save)
 
 
-def _backward(ctx, dout, _dh, _dgu):
-    x, counts, w_gate_up, w_down, row_token, row_weight, h, gu = ctx.saved_tensors
+def _backward(ctx, dout, _dgu):
+    x, counts, w_gate_up, w_down, row_token, row_weight, gu = ctx.saved_tensors
     num_rows, gather, scatter, save = ctx.flags
+    if dout is None:  # out took no part in the loss
+        return (None,) * 11
     if not save:
         raise RuntimeError("fused experts: backward through a forward run without saving (grad was disabled)")
-    dx, dwgu, dwd, drw = _fused_experts_bwd(dout, x, counts, w_gate_up, w_down, row_token, row_weight, h, gu,
+    dx, dwgu, dwd, drw = _fused_experts_bwd(dout, x, counts, w_gate_up, w_down, row_token, row_weight, gu,
                                             num_rows, gather, scatter)
     return dx, None, dwgu, dwd, None, (drw if scatter else None), None, None, None, None, None
 
@@ -196,7 +215,7 @@ def fused_swiglu_experts(
     x_RH = x_RH.contiguous()
     R = x_RH.shape[0]
     save = _needs_save(x_RH, w_gate_up, w_down)
-    out, _, _ = _fused_experts_fwd(x_RH, tokens_per_expert, w_gate_up, w_down, None, None, R, R, False, False, save)
+    out, _ = _fused_experts_fwd(x_RH, tokens_per_expert, w_gate_up, w_down, None, None, R, R, False, False, save)
     return out
 
 
@@ -278,7 +297,7 @@ def fused_moe_experts(
     S = row_token.shape[0]
     x_in = x_NH if gather else x_NH.index_select(0, row_token)
     save = _needs_save(x_NH, w_gate_up, w_down, row_weight)
-    out, _, _ = _fused_experts_fwd(x_in, counts, w_gate_up, w_down, row_token, row_weight, S, N, gather, scatter,
+    out, _ = _fused_experts_fwd(x_in, counts, w_gate_up, w_down, row_token, row_weight, S, N, gather, scatter,
                                    save)
     if not scatter:
         combined = torch.zeros(N, x_NH.shape[1], device=x_NH.device, dtype=torch.float32)

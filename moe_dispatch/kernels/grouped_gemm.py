@@ -103,14 +103,18 @@ def _load_b(ptrs, mask_n, rk, k0, K, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _swiglu_bwd(acc, gu, dgu, N, mask, w, dwp, mask_rows, HAS_WEIGHT: tl.constexpr):
+def _swiglu_bwd(acc, gu, dgu, h, N, mask, w, dwp, mask_rows, HAS_WEIGHT: tl.constexpr, STORE_H: tl.constexpr):
     """SwiGLU backward of one tile. ``acc`` fp32 ``[BM, BN]``: dout . Wd (unweighted); ``gu`` /
     ``dgu``: pointer tiles of the gate columns (the up columns at + N); ``w`` ``[BM]`` routing
-    weights and ``dwp`` ``[BM]`` pointers of the partial routing-weight grads (HAS_WEIGHT)."""
+    weights and ``dwp`` ``[BM]`` pointers of the partial routing-weight grads (HAS_WEIGHT);
+    ``h`` (STORE_H): pointer tile where ``h = silu(g) * u`` is recomputed for the down weight's
+    grad (the forward does not keep h: fp32 gives the forward's h bit for bit)."""
     g = tl.load(gu, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(gu + N, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(g)
     silu = g * sig
+    if STORE_H:
+        tl.store(h, (silu * u).to(h.dtype.element_ty), mask=mask)
     if HAS_WEIGHT:
         tl.store(dwp, tl.sum(acc * silu * u, 1), mask=mask_rows)
         acc = acc * w[:, None]
@@ -120,11 +124,13 @@ def _swiglu_bwd(acc, gu, dgu, N, mask, w, dwp, mask_rows, HAS_WEIGHT: tl.constex
 
 @triton.jit
 def _swiglu_bwd_kernel(
-    dh_ptr, gu_ptr, counts_ptr, row_weight_ptr, dgu_ptr, dwp_ptr, R, N, L, stride_dh, stride_gu, stride_dgu,
-    HAS_WEIGHT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BLOCK_L: tl.constexpr,
+    dh_ptr, gu_ptr, counts_ptr, row_weight_ptr, dgu_ptr, dwp_ptr, h_ptr, R, N, L, stride_dh, stride_gu, stride_dgu,
+    stride_h, HAS_WEIGHT: tl.constexpr, STORE_H: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    BLOCK_L: tl.constexpr,
 ):
     """The SwiGLU backward alone, after a dH GEMM done elsewhere (``dh [R, N]``, rows past
-    ``sum(counts)`` ignored): writes ``dgu [R, 2N]`` (valid rows) and ``dwp [cdiv(N, BN), R]``."""
+    ``sum(counts)`` ignored): writes ``dgu [R, 2N]`` (valid rows), ``dwp [cdiv(N, BN), R]`` and
+    (STORE_H) the recomputed ``h [R, N]`` (valid rows)."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     ev = tl.arange(0, BLOCK_L)
     total = tl.sum(tl.load(counts_ptr + ev, mask=ev < L, other=0).to(tl.int32), 0)
@@ -139,7 +145,8 @@ def _swiglu_bwd_kernel(
     else:
         w = tl.full((BM,), 1.0, dtype=tl.float32)  # unused
     _swiglu_bwd(acc, gu_ptr + rm64[:, None] * stride_gu + rn[None, :], dgu_ptr + rm64[:, None] * stride_dgu + rn[None, :],
-                N, mask, w, dwp_ptr + pid_n.to(tl.int64) * R + rm64, rm < R, HAS_WEIGHT)
+                h_ptr + rm64[:, None] * stride_h + rn[None, :], N, mask, w, dwp_ptr + pid_n.to(tl.int64) * R + rm64,
+                rm < R, HAS_WEIGHT, STORE_H)
 
 
 @triton.jit
@@ -210,10 +217,11 @@ def _gate_up_swiglu_kernel(
 
 @triton.jit
 def _rows_gemm_kernel(
-    a_ptr, row_token_ptr, b_ptr, counts_ptr, out_ptr, row_weight_ptr, gu_ptr, dwp_ptr, a_desc, b_desc,
+    a_ptr, row_token_ptr, b_ptr, counts_ptr, out_ptr, row_weight_ptr, gu_ptr, dwp_ptr, h_ptr, a_desc, b_desc,
     R, N, K, L, num_pid_m, b_rows_per_expert,
-    stride_am, stride_be, stride_bk, stride_bn, stride_om, stride_gum,
-    A_GATHER: tl.constexpr, EPILOGUE: tl.constexpr, HAS_WEIGHT: tl.constexpr, ZERO_PAD: tl.constexpr,
+    stride_am, stride_be, stride_bk, stride_bn, stride_om, stride_gum, stride_hm,
+    A_GATHER: tl.constexpr, EPILOGUE: tl.constexpr, HAS_WEIGHT: tl.constexpr, STORE_H: tl.constexpr,
+    ZERO_PAD: tl.constexpr,
     EVEN_K: tl.constexpr, A_TMA: tl.constexpr, B_TMA: tl.constexpr, B_K_MAJOR: tl.constexpr,
     DOT_PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_L: tl.constexpr,
@@ -225,7 +233,8 @@ def _rows_gemm_kernel(
       without HAS_WEIGHT);
     - EPI_SWIGLU_BWD (N = I): ``dh = w[r] * acc`` (w = 1 without HAS_WEIGHT), the SwiGLU backward
       from the saved pre-activations ``gu [R, 2I]`` into ``out = dgu [R, 2I]``, and with
-      HAS_WEIGHT the partial routing-weight grads ``dwp[pid_n, r] = sum_n acc * h`` (fp32).
+      HAS_WEIGHT the partial routing-weight grads ``dwp[pid_n, r] = sum_n acc * h`` (fp32), and
+      with STORE_H ``h [R, N]`` recomputed from ``gu`` (valid rows).
 
     A_GATHER: row r of a is ``row_token[r]``.
 
@@ -280,8 +289,8 @@ def _rows_gemm_kernel(
             tl.atomic_add(out_ptr + tok[:, None] * stride_om + rn[None, :], acc, mask=out_mask, sem="relaxed")
         else:
             _swiglu_bwd(acc, gu_ptr + rm64[:, None] * stride_gum + rn[None, :],
-                        out_ptr + rm64[:, None] * stride_om + rn[None, :], N, out_mask,
-                        w, dwp_ptr + pid_n.to(tl.int64) * R + rm64, mask_m, HAS_WEIGHT)
+                        out_ptr + rm64[:, None] * stride_om + rn[None, :], h_ptr + rm64[:, None] * stride_hm + rn[None, :],
+                        N, out_mask, w, dwp_ptr + pid_n.to(tl.int64) * R + rm64, mask_m, HAS_WEIGHT, STORE_H)
     else:
         if ZERO_PAD:  # EPI_STORE only: out is row-aligned with a
             tl.store(out_ptr + rm64[:, None] * stride_om + rn[None, :],
@@ -586,7 +595,7 @@ def rows_gemm(
     a: torch.Tensor, counts: torch.Tensor, b: torch.Tensor, b_strides: tuple[int, int, int], n: int,
     out: torch.Tensor, num_rows: int, *, epilogue: int = EPI_STORE, row_token: torch.Tensor | None = None,
     a_gather: bool = False, row_weight: torch.Tensor | None = None, gate_up: torch.Tensor | None = None,
-    zero_pad: bool = True, config: TileConfig | None = None,
+    h_out: torch.Tensor | None = None, zero_pad: bool = True, config: TileConfig | None = None,
 ) -> torch.Tensor | None:
     """Grouped ``a_r @ B_e`` over ``num_rows`` expert-grouped rows; see ``_rows_gemm_kernel``.
 
@@ -600,6 +609,8 @@ def rows_gemm(
             ``row_token``) or ``[R, 2N]`` (EPI_SWIGLU_BWD, with ``gate_up [R, 2N]``).
         num_rows: R.
         row_weight: fp32 ``[R]`` (scatter scale / routing weight), or None.
+        h_out: EPI_SWIGLU_BWD only: ``[R, N]`` where ``h = silu(g) * u`` is recomputed from
+            ``gate_up`` (valid rows written), or None.
 
     Returns:
         For EPI_SWIGLU_BWD with ``row_weight``: fp32 ``[R]``, the gradient w.r.t. ``row_weight``
@@ -620,6 +631,8 @@ def rows_gemm(
             out.zero_()
         if epilogue == EPI_SWIGLU_BWD:
             out.zero_()
+            if h_out is not None:
+                h_out.zero_()
         return torch.zeros(num_rows, device=a.device, dtype=torch.float32) if want_dw else None
 
     # dH on torch._grouped_mm, then the SwiGLU backward alone: a candidate where it can run
@@ -627,19 +640,20 @@ def rows_gemm(
     gmm_ok = (epilogue == EPI_SWIGLU_BWD and not a_gather and b.dim() == 3 and b_strides[2] == 1
               and b_strides[1] == b.shape[2] and b_strides[0] == b.shape[1] * b.shape[2] and _grouped_mm_ok(a, b))
 
-    def launch_grouped_mm(out_t: torch.Tensor) -> torch.Tensor | None:
+    def launch_grouped_mm(out_t: torch.Tensor, h_t: torch.Tensor | None) -> torch.Tensor | None:
         dh = torch._grouped_mm(a, b, offs=_offsets(counts))  # [R, N], rows past sum(counts) garbage
         bm, bn = (16, 16) if _INTERPRET else (32, 128)
         dwp = torch.empty(triton.cdiv(n, bn), num_rows, device=a.device, dtype=torch.float32) if want_dw else None
         _swiglu_bwd_kernel[(triton.cdiv(num_rows, bm), triton.cdiv(n, bn))](
             dh, gate_up, counts, row_weight if row_weight is not None else counts, out_t,
-            dwp if dwp is not None else counts, num_rows, n, L, dh.stride(0), gate_up.stride(0), out_t.stride(0),
-            HAS_WEIGHT=row_weight is not None, BM=bm, BN=bn, BLOCK_L=_block_l(L), num_warps=4)
+            dwp if dwp is not None else counts, h_t if h_t is not None else out_t, num_rows, n, L, dh.stride(0),
+            gate_up.stride(0), out_t.stride(0), h_t.stride(0) if h_t is not None else 0,
+            HAS_WEIGHT=row_weight is not None, STORE_H=h_t is not None, BM=bm, BN=bn, BLOCK_L=_block_l(L), num_warps=4)
         return dwp
 
-    def launch(cfg: TileConfig, out_t: torch.Tensor) -> torch.Tensor | None:
+    def launch(cfg: TileConfig, out_t: torch.Tensor, h_t: torch.Tensor | None) -> torch.Tensor | None:
         if cfg.impl == "grouped_mm" and gmm_ok:
-            return launch_grouped_mm(out_t)
+            return launch_grouped_mm(out_t, h_t)
         npm = _num_row_blocks(num_rows, L, cfg.BM)
         num_pid_n = triton.cdiv(n, cfg.BN)
         dwp = torch.empty(num_pid_n, num_rows, device=a.device, dtype=torch.float32) if want_dw else None
@@ -650,23 +664,23 @@ def rows_gemm(
         _rows_gemm_kernel[(npm * num_pid_n,)](
             a, row_token if row_token is not None else dummy, b, counts, out_t,
             row_weight if row_weight is not None else dummy, gate_up if gate_up is not None else dummy,
-            dwp if dwp is not None else dummy,
+            dwp if dwp is not None else dummy, h_t if h_t is not None else dummy,
             _descriptor(a, [cfg.BM, cfg.BK]) if a_tma else None,
             _descriptor(b_tma_layout, b_block) if b_tma else None,
             num_rows, n, K, L, npm, b.shape[1], a.stride(0), b_strides[0], b_strides[1], b_strides[2], out_t.stride(0),
-            gate_up.stride(0) if gate_up is not None else 0,
-            A_GATHER=a_gather, EPILOGUE=epilogue, HAS_WEIGHT=row_weight is not None,
+            gate_up.stride(0) if gate_up is not None else 0, h_t.stride(0) if h_t is not None else 0,
+            A_GATHER=a_gather, EPILOGUE=epilogue, HAS_WEIGHT=row_weight is not None, STORE_H=h_t is not None,
             ZERO_PAD=zero_pad and epilogue == EPI_STORE,
             EVEN_K=K % cfg.BK == 0, A_TMA=a_tma, B_TMA=b_tma, B_K_MAJOR=b_k_major, DOT_PREC=_dot_precision(a.dtype), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
             GROUP_M=cfg.GROUP_M, BLOCK_L=_block_l(L), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return dwp
 
     if config is None:
-        scratch = _once(lambda: torch.empty_like(out))
-        flags = (str(a.dtype), epilogue, a_gather, row_weight is not None, b_strides[2] == 1)
-        config = tile_config("rows", (n, K) + flags, _rows_bucket(num_rows, L), lambda c: launch(c, scratch()),
+        scratch = _once(lambda: (torch.empty_like(out), None if h_out is None else torch.empty_like(h_out)))
+        flags = (str(a.dtype), epilogue, a_gather, row_weight is not None, b_strides[2] == 1, h_out is not None)
+        config = tile_config("rows", (n, K) + flags, _rows_bucket(num_rows, L), lambda c: launch(c, *scratch()),
                              flops=2.0 * num_rows * n * K, extra=(_GROUPED_MM,) if gmm_ok else ())
-    dwp = launch(config, out)
+    dwp = launch(config, out, h_out)
     return dwp.sum(0) if dwp is not None else None
 
 
