@@ -1,8 +1,8 @@
-"""Fused SwiGLU experts: Triton grouped GEMMs with the SwiGLU in the gate+up GEMM's epilogue,
-an optional gather of token rows in its A-operand load and an optional scatter (routing weight
-applied, combine fused) in the down GEMM's epilogue; forward and backward as
-``torch.library`` custom ops (``register_fake`` + ``register_autograd``: works under
-``torch.compile``).
+"""Fused gated experts (SwiGLU by default): Triton grouped GEMMs with the gate activation in the
+gate+up GEMM's epilogue (any of :data:`FUSED_ACTIVATIONS`, a constexpr of the kernels), an
+optional gather of token rows in its A-operand load and an optional scatter (routing weight
+applied, combine fused) in the down GEMM's epilogue; forward and backward as ``torch.library``
+custom ops (``register_fake`` + ``register_autograd``: works under ``torch.compile``).
 
 Shape legend::
 
@@ -12,14 +12,14 @@ Shape legend::
 
 Forward, per expert ``e`` and row ``r`` of it (3 launches, no host sync)::
 
-    gate+up   h[r] = silu(x[src(r)] Wg_e^T) * (x[src(r)] Wu_e^T)      [R, I]  (g | u kept for bwd, h not)
+    gate+up   h[r] = act(x[src(r)] Wg_e^T) * (x[src(r)] Wu_e^T)       [R, I]  (g | u kept for bwd, h not)
     down      y[r] = h[r] Wd_e^T                                       [R, H]
               or, scatter: out[tok(r)] += w[r] * y[r]   (fp32 atomics)  [N, H]
 
-Backward (4 launches): ``dH = dY Wd_e`` with the SwiGLU backward in its epilogue (which also
+Backward (4 launches): ``dH = dY Wd_e`` with the gated backward in its epilogue (which also
 recomputes h from g | u, and the routing-weight grad ``dw[r] = dout[tok(r)] . y[r]`` as
-``sum(dH_unweighted * h)``), ``dX = dGU
-Wgu_e`` (scatter-added into token rows when gathered), ``dWgu_e = dGU^T X``, ``dWd_e = dY^T H``.
+``sum(dH_unweighted * h)``), ``dX = dGU Wgu_e`` (scatter-added into token rows when gathered),
+``dWgu_e = dGU^T X``, ``dWd_e = dY^T H``.
 
 Public entry points: :func:`fused_swiglu_experts` (rows already grouped: the ``"fused"`` backend of
 :class:`moe_dispatch.experts.SwiGLUExperts`) and :func:`fused_moe_experts` (tokens + routing in,
@@ -32,7 +32,17 @@ from typing import Optional
 
 import torch
 
-__all__ = ["fused_swiglu_experts", "fused_moe_experts", "routing_rows"]
+__all__ = ["fused_swiglu_experts", "fused_moe_experts", "routing_rows", "FUSED_ACTIVATIONS"]
+
+#: Gate activations the fused kernels compute in their epilogues, by HF ``hidden_act`` name (every
+#: name of :data:`moe_dispatch.experts.ACTIVATIONS`), to the kernels' name. The three tanh forms
+#: of GELU are one formula (gelu_fast's constant 0.7978845608 is sqrt(2/pi) in fp32); the kernels
+#: compute in fp32 and take tanh as 2 sigmoid(2z) - 1 (absolute error ~1e-7).
+FUSED_ACTIVATIONS = {
+    "silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh", "quick_gelu": "quick_gelu", "relu": "relu", "relu2": "relu2", "tanh": "tanh",
+    "sigmoid": "sigmoid",
+}
 
 _TRITON_HINT = "the fused expert backend needs triton (pip install triton)"
 
@@ -57,14 +67,14 @@ def _down_strides_fwd(w_d: torch.Tensor) -> tuple[int, int, int]:
 def _fused_experts_fwd(
     x: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
     row_token: Optional[torch.Tensor], row_weight: Optional[torch.Tensor],
-    num_rows: int, num_out: int, gather: bool, scatter: bool, save: bool,
+    num_rows: int, num_out: int, gather: bool, scatter: bool, save: bool, activation: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, gu)``: ``gu [R, 2I]`` the gate | up pre-activations kept for the backward (empty
     unless ``save``); h [R, I] lives only until the down GEMM has read it."""
     kernels = _kernels()
     H = w_gate_up.shape[2]
     h, gu = kernels.gate_up_swiglu(x, counts, w_gate_up, num_rows, row_token=row_token if gather else None,
-                                   save_gate_up=save)
+                                   save_gate_up=save, activation=activation)
     if scatter:
         out32 = torch.zeros(num_out, H, device=x.device, dtype=torch.float32)
         kernels.rows_gemm(h, counts, w_down, _down_strides_fwd(w_down), H, out32, num_rows,
@@ -78,7 +88,7 @@ def _fused_experts_fwd(
 
 
 @_fused_experts_fwd.register_fake
-def _(x, counts, w_gate_up, w_down, row_token, row_weight, num_rows, num_out, gather, scatter, save):
+def _(x, counts, w_gate_up, w_down, row_token, row_weight, num_rows, num_out, gather, scatter, save, activation):
     H, I = w_gate_up.shape[2], w_down.shape[2]
     out = x.new_empty(num_out if scatter else num_rows, H)
     return out, x.new_empty((num_rows, 2 * I) if save else (0,))
@@ -88,7 +98,7 @@ def _(x, counts, w_gate_up, w_down, row_token, row_weight, num_rows, num_out, ga
 def _fused_experts_bwd(
     dout: torch.Tensor, x: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
     row_token: Optional[torch.Tensor], row_weight: Optional[torch.Tensor], gu: torch.Tensor,
-    num_rows: int, gather: bool, scatter: bool,
+    num_rows: int, gather: bool, scatter: bool, activation: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The four backward GEMMs, ordered for peak memory: every buffer is freed as soon as its last
     reader has run, and the largest results (the weight grads) are allocated last (see
@@ -106,7 +116,8 @@ def _fused_experts_bwd(
     h = torch.empty(num_rows, I, device=x.device, dtype=x.dtype)
     d_row_weight = kernels.rows_gemm(
         dout_rows, counts, w_down, (w_down.stride(0), w_down.stride(1), w_down.stride(2)), I, dgu, num_rows,
-        epilogue=kernels.EPI_SWIGLU_BWD, row_weight=row_weight if scatter else None, gate_up=gu, h_out=h)
+        epilogue=kernels.EPI_SWIGLU_BWD, row_weight=row_weight if scatter else None, gate_up=gu, h_out=h,
+        activation=activation)
     # dY = w * dout[tok] when scattered (fp32 product, rounded once)
     dy_rows = (dout_rows.float() * row_weight[:, None]).to(x.dtype) if scatter else dout
     del dout_rows
@@ -133,32 +144,32 @@ def _fused_experts_bwd(
 
 
 @_fused_experts_bwd.register_fake
-def _(dout, x, counts, w_gate_up, w_down, row_token, row_weight, gu, num_rows, gather, scatter):
+def _(dout, x, counts, w_gate_up, w_down, row_token, row_weight, gu, num_rows, gather, scatter, activation):
     return (torch.empty_like(x), torch.empty_like(w_gate_up), torch.empty_like(w_down),
             x.new_empty(num_rows if scatter else 0, dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
-    x, counts, w_gate_up, w_down, row_token, row_weight, num_rows, num_out, gather, scatter, save = inputs
+    x, counts, w_gate_up, w_down, row_token, row_weight, num_rows, num_out, gather, scatter, save, activation = inputs
     _, gu = output
     # gu is kept for the backward only: no gradient flows into it, and autograd must not build
     # a zero [R, 2I] gradient for it (materialised grads would cost R x 2I at every backward).
     ctx.mark_non_differentiable(gu)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, counts, w_gate_up, w_down, row_token, row_weight, gu)
-    ctx.flags = (num_rows, gather, scatter, save)
+    ctx.flags = (num_rows, gather, scatter, save, activation)
 
 
 def _backward(ctx, dout, _dgu):
     x, counts, w_gate_up, w_down, row_token, row_weight, gu = ctx.saved_tensors
-    num_rows, gather, scatter, save = ctx.flags
+    num_rows, gather, scatter, save, activation = ctx.flags
     if dout is None:  # out took no part in the loss
-        return (None,) * 11
+        return (None,) * 12
     if not save:
         raise RuntimeError("fused experts: backward through a forward run without saving (grad was disabled)")
     dx, dwgu, dwd, drw = _fused_experts_bwd(dout, x, counts, w_gate_up, w_down, row_token, row_weight, gu,
-                                            num_rows, gather, scatter)
-    return dx, None, dwgu, dwd, None, (drw if scatter else None), None, None, None, None, None
+                                            num_rows, gather, scatter, activation)
+    return dx, None, dwgu, dwd, None, (drw if scatter else None), None, None, None, None, None, None
 
 
 _fused_experts_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -181,14 +192,23 @@ def _check_dtype(x: torch.Tensor) -> None:
         raise TypeError(f"input dtype must be bfloat16, float16 or float32, got {x.dtype}")
 
 
+def _kernel_activation(activation: str) -> str:
+    if activation not in FUSED_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(FUSED_ACTIVATIONS)} (HF hidden_act names), "
+                         f"got {activation!r}")
+    return FUSED_ACTIVATIONS[activation]
+
+
 def _needs_save(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def fused_swiglu_experts(
-    x_RH: torch.Tensor, tokens_per_expert: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+    x_RH: torch.Tensor, tokens_per_expert: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, *,
+    activation: str = "silu",
 ) -> torch.Tensor:
-    """SwiGLU experts on expert-grouped rows (``DispatchOutput.expert_input``), differentiable.
+    """Gated experts (``down(act(gate(x)) * up(x))``, SwiGLU by default) on expert-grouped rows
+    (``DispatchOutput.expert_input``), differentiable.
 
     Args:
         x_RH: ``[R, H]`` bf16 / fp16 / fp32, rows of expert 0, then 1, ...; rows past
@@ -196,13 +216,16 @@ def fused_swiglu_experts(
         tokens_per_expert: integer ``[L]`` on ``x_RH``'s device, non-negative, summing to <= R.
         w_gate_up: ``[L, 2I, H]`` (gate rows, then up rows); cast to ``x_RH``'s dtype.
         w_down: ``[L, H, I]``; cast to ``x_RH``'s dtype.
+        activation: ``act``, a name of :data:`FUSED_ACTIVATIONS` (HF ``hidden_act``), computed in
+            fp32 in the gate+up GEMM's epilogue and its derivative in the dH GEMM's.
 
     Returns:
         ``[R, H]`` in ``x_RH``'s dtype.
 
     Raises:
-        ValueError / TypeError on bad shapes or dtypes.
+        ValueError / TypeError on bad shapes, dtypes or activation.
     """
+    act = _kernel_activation(activation)
     _check_dtype(x_RH)
     if x_RH.dim() != 2:
         raise ValueError(f"x_RH must be [R, H], got {tuple(x_RH.shape)}")
@@ -215,7 +238,8 @@ def fused_swiglu_experts(
     x_RH = x_RH.contiguous()
     R = x_RH.shape[0]
     save = _needs_save(x_RH, w_gate_up, w_down)
-    out, _ = _fused_experts_fwd(x_RH, tokens_per_expert, w_gate_up, w_down, None, None, R, R, False, False, save)
+    out, _ = _fused_experts_fwd(x_RH, tokens_per_expert, w_gate_up, w_down, None, None, R, R, False, False, save,
+                                act)
     return out
 
 
@@ -249,7 +273,7 @@ def routing_rows(selected_experts_NK: torch.Tensor, routing_weights_NK: torch.Te
 def fused_moe_experts(
     x_NH: torch.Tensor, selected_experts_NK: torch.Tensor, routing_weights_NK: torch.Tensor,
     w_gate_up: torch.Tensor, w_down: torch.Tensor, *, gather: bool = True, scatter: bool = True,
-    check_ids: bool = True, return_counts: bool = False,
+    check_ids: bool = True, return_counts: bool = False, activation: str = "silu",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Single-GPU / EP=1 MoE experts from tokens to combined tokens, differentiable (w.r.t. tokens,
     both weights and the routing weights).
@@ -268,13 +292,15 @@ def fused_moe_experts(
         check_ids: check the expert ids on the host (one sync); False for ids known valid
             (a router's output).
         return_counts: also return the rows per expert (int64 ``[L]``).
+        activation: the gate activation (see :func:`fused_swiglu_experts`).
 
     Returns:
         ``[N, H]`` in x's dtype (and ``counts [L]`` with ``return_counts``).
 
     Raises:
-        ValueError / TypeError on bad shapes, dtypes or (``check_ids``) expert ids.
+        ValueError / TypeError on bad shapes, dtypes, activation or (``check_ids``) expert ids.
     """
+    act = _kernel_activation(activation)
     _check_dtype(x_NH)
     if x_NH.dim() != 2:
         raise ValueError(f"x_NH must be [N, H], got {tuple(x_NH.shape)}")
@@ -298,7 +324,7 @@ def fused_moe_experts(
     x_in = x_NH if gather else x_NH.index_select(0, row_token)
     save = _needs_save(x_NH, w_gate_up, w_down, row_weight)
     out, _ = _fused_experts_fwd(x_in, counts, w_gate_up, w_down, row_token, row_weight, S, N, gather, scatter,
-                                   save)
+                                save, act)
     if not scatter:
         combined = torch.zeros(N, x_NH.shape[1], device=x_NH.device, dtype=torch.float32)
         out = combined.index_add(0, row_token.long(), out.float() * row_weight[:, None]).to(x_NH.dtype)

@@ -1,6 +1,7 @@
-"""Grouped GEMM kernels for SwiGLU experts: gate+up with the SwiGLU in the epilogue, the down
-projection (optionally scattering into token rows with the routing weight applied), and their
-backward (dX, dW per expert, SwiGLU backward fused into the dH GEMM's epilogue).
+"""Grouped GEMM kernels for gated experts (SwiGLU and its kin, ``h = act(g) * u`` with ``act`` a
+constexpr of the kernels, :data:`ACT_CODES`): gate+up with the activation in the epilogue, the
+down projection (optionally scattering into token rows with the routing weight applied), and
+their backward (dX, dW per expert, the gated backward fused into the dH GEMM's epilogue).
 
 Imports torch and triton only (nothing else of ours). Import lazily: under ``TRITON_INTERPRET=1``
 Triton decides how to run the kernels when they are defined, i.e. when this module is imported.
@@ -42,10 +43,12 @@ import triton.language as tl
 
 __all__ = [
     "TileConfig", "gate_up_swiglu", "rows_gemm", "expert_weight_grad", "tile_config", "tuning_log",
-    "clear_tuning_cache", "EPI_STORE", "EPI_SCATTER", "EPI_SWIGLU_BWD",
+    "clear_tuning_cache", "EPI_STORE", "EPI_SCATTER", "EPI_SWIGLU_BWD", "ACT_CODES",
 ]
 
 EPI_STORE, EPI_SCATTER, EPI_SWIGLU_BWD = 0, 1, 2
+#: Gate activations of the gated epilogues (``h = act(g) * u``): kernel name -> ACT constexpr.
+ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3, "relu": 4, "relu2": 5, "tanh": 6, "sigmoid": 7}
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _MAX_EXPERTS = 4096
 
@@ -103,29 +106,93 @@ def _load_b(ptrs, mask_n, rk, k0, K, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _swiglu_bwd(acc, gu, dgu, h, N, mask, w, dwp, mask_rows, HAS_WEIGHT: tl.constexpr, STORE_H: tl.constexpr):
-    """SwiGLU backward of one tile. ``acc`` fp32 ``[BM, BN]``: dout . Wd (unweighted); ``gu`` /
-    ``dgu``: pointer tiles of the gate columns (the up columns at + N); ``w`` ``[BM]`` routing
-    weights and ``dwp`` ``[BM]`` pointers of the partial routing-weight grads (HAS_WEIGHT);
-    ``h`` (STORE_H): pointer tile where ``h = silu(g) * u`` is recomputed for the down weight's
-    grad (the forward does not keep h: fp32 gives the forward's h bit for bit)."""
+def _tanh(z):
+    """tanh from the sigmoid (Triton has no portable tanh across 3.x): absolute error ~1e-7."""
+    return 2.0 * tl.sigmoid(2.0 * z) - 1.0
+
+
+@triton.jit
+def _act(g, ACT: tl.constexpr):
+    """The gate activation of ``g`` (fp32), by ACT (see ``ACT_CODES``); HF's formulas."""
+    if ACT == 0:  # silu / swish
+        a = g * tl.sigmoid(g)
+    elif ACT == 1:  # gelu (erf)
+        a = g * (0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476)))
+    elif ACT == 2:  # gelu, tanh approximation (gelu_pytorch_tanh, gelu_new, gelu_fast)
+        a = 0.5 * g * (1.0 + _tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
+    elif ACT == 3:  # quick_gelu
+        a = g * tl.sigmoid(1.702 * g)
+    elif ACT == 4:  # relu
+        a = tl.maximum(g, 0.0)
+    elif ACT == 5:  # relu2
+        r = tl.maximum(g, 0.0)
+        a = r * r
+    elif ACT == 6:  # tanh
+        a = _tanh(g)
+    else:  # sigmoid
+        a = tl.sigmoid(g)
+    return a
+
+
+@triton.jit
+def _act_and_grad(g, ACT: tl.constexpr):
+    """``(act(g), act'(g))`` of ``g`` (fp32); ``act(g)`` is bit for bit :func:`_act`'s."""
+    if ACT == 0:
+        sig = tl.sigmoid(g)
+        a = g * sig
+        da = sig + a * (1.0 - sig)
+    elif ACT == 1:
+        cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
+        a = g * cdf
+        da = cdf + g * (0.3989422804014327 * tl.exp(-0.5 * g * g))
+    elif ACT == 2:
+        t = _tanh(0.7978845608028654 * (g + 0.044715 * g * g * g))
+        a = 0.5 * g * (1.0 + t)
+        da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g * g)
+    elif ACT == 3:
+        sig = tl.sigmoid(1.702 * g)
+        a = g * sig
+        da = sig + 1.702 * g * sig * (1.0 - sig)
+    elif ACT == 4:
+        a = tl.maximum(g, 0.0)
+        da = tl.where(g > 0.0, 1.0, 0.0)
+    elif ACT == 5:
+        r = tl.maximum(g, 0.0)
+        a = r * r
+        da = 2.0 * r
+    elif ACT == 6:
+        a = _tanh(g)
+        da = 1.0 - a * a
+    else:
+        a = tl.sigmoid(g)
+        da = a * (1.0 - a)
+    return a, da
+
+
+@triton.jit
+def _swiglu_bwd(acc, gu, dgu, h, N, mask, w, dwp, mask_rows, HAS_WEIGHT: tl.constexpr, STORE_H: tl.constexpr,
+                ACT: tl.constexpr):
+    """Gated-activation backward of one tile (``h = act(g) * u``). ``acc`` fp32 ``[BM, BN]``:
+    dout . Wd (unweighted); ``gu`` / ``dgu``: pointer tiles of the gate columns (the up columns at
+    + N); ``w`` ``[BM]`` routing weights and ``dwp`` ``[BM]`` pointers of the partial
+    routing-weight grads (HAS_WEIGHT); ``h`` (STORE_H): pointer tile where ``h`` is recomputed for
+    the down weight's grad (the forward does not keep h: fp32 gives the forward's h bit for bit)."""
     g = tl.load(gu, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(gu + N, mask=mask, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(g)
-    silu = g * sig
+    a, da = _act_and_grad(g, ACT)
     if STORE_H:
-        tl.store(h, (silu * u).to(h.dtype.element_ty), mask=mask)
+        tl.store(h, (a * u).to(h.dtype.element_ty), mask=mask)
     if HAS_WEIGHT:
-        tl.store(dwp, tl.sum(acc * silu * u, 1), mask=mask_rows)
+        tl.store(dwp, tl.sum(acc * a * u, 1), mask=mask_rows)
         acc = acc * w[:, None]
-    tl.store(dgu, (acc * u * (sig + silu * (1.0 - sig))).to(dgu.dtype.element_ty), mask=mask)
-    tl.store(dgu + N, (acc * silu).to(dgu.dtype.element_ty), mask=mask)
+    tl.store(dgu, (acc * u * da).to(dgu.dtype.element_ty), mask=mask)
+    tl.store(dgu + N, (acc * a).to(dgu.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _swiglu_bwd_kernel(
     dh_ptr, gu_ptr, counts_ptr, row_weight_ptr, dgu_ptr, dwp_ptr, h_ptr, R, N, L, stride_dh, stride_gu, stride_dgu,
-    stride_h, HAS_WEIGHT: tl.constexpr, STORE_H: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    stride_h, HAS_WEIGHT: tl.constexpr, STORE_H: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
     """The SwiGLU backward alone, after a dH GEMM done elsewhere (``dh [R, N]``, rows past
@@ -146,7 +213,7 @@ def _swiglu_bwd_kernel(
         w = tl.full((BM,), 1.0, dtype=tl.float32)  # unused
     _swiglu_bwd(acc, gu_ptr + rm64[:, None] * stride_gu + rn[None, :], dgu_ptr + rm64[:, None] * stride_dgu + rn[None, :],
                 h_ptr + rm64[:, None] * stride_h + rn[None, :], N, mask, w, dwp_ptr + pid_n.to(tl.int64) * R + rm64,
-                rm < R, HAS_WEIGHT, STORE_H)
+                rm < R, HAS_WEIGHT, STORE_H, ACT)
 
 
 @triton.jit
@@ -154,12 +221,13 @@ def _gate_up_swiglu_kernel(
     x_ptr, row_token_ptr, w_ptr, counts_ptr, h_ptr, gu_ptr, x_desc, w_desc,
     R, H, I, L, num_pid_m,
     stride_xm, stride_we, stride_wn, stride_hm, stride_gum,
-    GATHER: tl.constexpr, SAVE_GU: tl.constexpr, ZERO_PAD: tl.constexpr, EVEN_K: tl.constexpr,
+    GATHER: tl.constexpr, SAVE_GU: tl.constexpr, ZERO_PAD: tl.constexpr, EVEN_K: tl.constexpr, ACT: tl.constexpr,
     A_TMA: tl.constexpr, B_TMA: tl.constexpr,
     DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
-    """``h[r, n] = silu(g) * u``, ``g = x[src(r)] . w[e, n]``, ``u = x[src(r)] . w[e, I + n]``.
+    """``h[r, n] = act(g) * u``, ``g = x[src(r)] . w[e, n]``, ``u = x[src(r)] . w[e, I + n]``
+    (``act`` by ACT, :data:`ACT_CODES`; SiLU: SwiGLU).
 
     x: ``[*, H]``; w: ``[L, 2I, H]`` (gate rows, then up rows); h: ``[R, I]``; gu (SAVE_GU):
     ``[R, 2I]`` the pre-activations g | u for the backward. Each program loads the gate and the up
@@ -200,7 +268,7 @@ def _gate_up_swiglu_kernel(
             a_ptrs += BK
             g_ptrs += BK
             u_ptrs += BK
-        h = acc_g * tl.sigmoid(acc_g) * acc_u
+        h = _act(acc_g, ACT) * acc_u
         out_mask = mask_m[:, None] & mask_n[None, :]
         rm64 = rm.to(tl.int64)
         tl.store(h_ptr + rm64[:, None] * stride_hm + rn[None, :], h.to(h_ptr.dtype.element_ty), mask=out_mask)
@@ -220,7 +288,7 @@ def _rows_gemm_kernel(
     a_ptr, row_token_ptr, b_ptr, counts_ptr, out_ptr, row_weight_ptr, gu_ptr, dwp_ptr, h_ptr, a_desc, b_desc,
     R, N, K, L, num_pid_m, b_rows_per_expert,
     stride_am, stride_be, stride_bk, stride_bn, stride_om, stride_gum, stride_hm,
-    A_GATHER: tl.constexpr, EPILOGUE: tl.constexpr, HAS_WEIGHT: tl.constexpr, STORE_H: tl.constexpr,
+    A_GATHER: tl.constexpr, EPILOGUE: tl.constexpr, HAS_WEIGHT: tl.constexpr, STORE_H: tl.constexpr, ACT: tl.constexpr,
     ZERO_PAD: tl.constexpr,
     EVEN_K: tl.constexpr, A_TMA: tl.constexpr, B_TMA: tl.constexpr, B_K_MAJOR: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -231,7 +299,7 @@ def _rows_gemm_kernel(
     - EPI_STORE: ``out[r, n] = acc`` (``[R, N]``; padding rows zeroed when ZERO_PAD);
     - EPI_SCATTER: ``out[row_token[r], n] += w[r] * acc`` (fp32 ``[N_tok, N]``, atomics; w = 1
       without HAS_WEIGHT);
-    - EPI_SWIGLU_BWD (N = I): ``dh = w[r] * acc`` (w = 1 without HAS_WEIGHT), the SwiGLU backward
+    - EPI_SWIGLU_BWD (N = I): ``dh = w[r] * acc`` (w = 1 without HAS_WEIGHT), the gated (ACT) backward
       from the saved pre-activations ``gu [R, 2I]`` into ``out = dgu [R, 2I]``, and with
       HAS_WEIGHT the partial routing-weight grads ``dwp[pid_n, r] = sum_n acc * h`` (fp32), and
       with STORE_H ``h [R, N]`` recomputed from ``gu`` (valid rows).
@@ -290,7 +358,7 @@ def _rows_gemm_kernel(
         else:
             _swiglu_bwd(acc, gu_ptr + rm64[:, None] * stride_gum + rn[None, :],
                         out_ptr + rm64[:, None] * stride_om + rn[None, :], h_ptr + rm64[:, None] * stride_hm + rn[None, :],
-                        N, out_mask, w, dwp_ptr + pid_n.to(tl.int64) * R + rm64, mask_m, HAS_WEIGHT, STORE_H)
+                        N, out_mask, w, dwp_ptr + pid_n.to(tl.int64) * R + rm64, mask_m, HAS_WEIGHT, STORE_H, ACT)
     else:
         if ZERO_PAD:  # EPI_STORE only: out is row-aligned with a
             tl.store(out_ptr + rm64[:, None] * stride_om + rn[None, :],
@@ -493,6 +561,12 @@ def _block_l(num_experts: int) -> int:
     return 16 if num_experts <= 16 else max(256, triton.next_power_of_2(num_experts))
 
 
+def _act_code(activation: str) -> int:
+    if activation not in ACT_CODES:
+        raise ValueError(f"activation must be one of {sorted(ACT_CODES)}, got {activation!r}")
+    return ACT_CODES[activation]
+
+
 def _num_row_blocks(rows: int, experts: int, bm: int) -> int:
     return triton.cdiv(rows, bm) + experts + 1
 
@@ -549,9 +623,9 @@ def _descriptor(t2d: torch.Tensor, block: list[int]):
 def gate_up_swiglu(
     x: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor, num_rows: int, *,
     row_token: torch.Tensor | None = None, save_gate_up: bool = False, zero_pad: bool = True,
-    config: TileConfig | None = None,
+    activation: str = "silu", config: TileConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``h [R, I] = silu(x_r W_g^T) * (x_r W_u^T)`` per expert, and optionally ``gu [R, 2I]`` (g | u).
+    """``h [R, I] = act(x_r W_g^T) * (x_r W_u^T)`` per expert, and optionally ``gu [R, 2I]`` (g | u).
 
     Args:
         x: ``[R, H]`` expert-grouped rows, or ``[N, H]`` tokens read through ``row_token``.
@@ -559,7 +633,9 @@ def gate_up_swiglu(
         w_gate_up: ``[L, 2I, H]``, x's dtype, contiguous.
         num_rows: R (rows of h).
         row_token: integer ``[R]``: the row of ``x`` each row reads (gather), or None.
+        activation: ``act``, a name of :data:`ACT_CODES`.
     """
+    act = _act_code(activation)
     L, two_i, H = w_gate_up.shape
     I = two_i // 2
     h = torch.empty(num_rows, I, device=x.device, dtype=x.dtype)
@@ -579,12 +655,13 @@ def gate_up_swiglu(
             num_rows, H, I, L, npm, x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), h_out.stride(0),
             gu_out.stride(0) if gu_out is not None else 0,
             GATHER=row_token is not None, SAVE_GU=gu_out is not None, ZERO_PAD=zero_pad,
-            EVEN_K=H % cfg.BK == 0, A_TMA=a_tma, B_TMA=b_tma, DOT_PREC=_dot_precision(x.dtype), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
+            EVEN_K=H % cfg.BK == 0, ACT=act, A_TMA=a_tma, B_TMA=b_tma, DOT_PREC=_dot_precision(x.dtype),
+            BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
             GROUP_M=cfg.GROUP_M, BLOCK_L=_block_l(L), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if config is None:
         scratch = _once(lambda: (torch.empty_like(h), None if gu is None else torch.empty_like(gu)))
-        config = tile_config("gate_up", (H, I, str(x.dtype), row_token is not None, save_gate_up),
+        config = tile_config("gate_up", (H, I, str(x.dtype), row_token is not None, save_gate_up, activation),
                              _rows_bucket(num_rows, L), lambda c: launch(c, *scratch()),
                              flops=4.0 * num_rows * H * I)
     launch(config)
@@ -595,7 +672,8 @@ def rows_gemm(
     a: torch.Tensor, counts: torch.Tensor, b: torch.Tensor, b_strides: tuple[int, int, int], n: int,
     out: torch.Tensor, num_rows: int, *, epilogue: int = EPI_STORE, row_token: torch.Tensor | None = None,
     a_gather: bool = False, row_weight: torch.Tensor | None = None, gate_up: torch.Tensor | None = None,
-    h_out: torch.Tensor | None = None, zero_pad: bool = True, config: TileConfig | None = None,
+    h_out: torch.Tensor | None = None, activation: str = "silu", zero_pad: bool = True,
+    config: TileConfig | None = None,
 ) -> torch.Tensor | None:
     """Grouped ``a_r @ B_e`` over ``num_rows`` expert-grouped rows; see ``_rows_gemm_kernel``.
 
@@ -609,13 +687,15 @@ def rows_gemm(
             ``row_token``) or ``[R, 2N]`` (EPI_SWIGLU_BWD, with ``gate_up [R, 2N]``).
         num_rows: R.
         row_weight: fp32 ``[R]`` (scatter scale / routing weight), or None.
-        h_out: EPI_SWIGLU_BWD only: ``[R, N]`` where ``h = silu(g) * u`` is recomputed from
+        h_out: EPI_SWIGLU_BWD only: ``[R, N]`` where ``h = act(g) * u`` is recomputed from
             ``gate_up`` (valid rows written), or None.
+        activation: EPI_SWIGLU_BWD's ``act``, a name of :data:`ACT_CODES`.
 
     Returns:
         For EPI_SWIGLU_BWD with ``row_weight``: fp32 ``[R]``, the gradient w.r.t. ``row_weight``
         (``sum_n acc * h``, reduced in a fixed order: deterministic); else None.
     """
+    act = _act_code(activation)
     L = counts.shape[0]
     K = a.shape[1]
     want_dw = epilogue == EPI_SWIGLU_BWD and row_weight is not None
@@ -648,7 +728,8 @@ def rows_gemm(
             dh, gate_up, counts, row_weight if row_weight is not None else counts, out_t,
             dwp if dwp is not None else counts, h_t if h_t is not None else out_t, num_rows, n, L, dh.stride(0),
             gate_up.stride(0), out_t.stride(0), h_t.stride(0) if h_t is not None else 0,
-            HAS_WEIGHT=row_weight is not None, STORE_H=h_t is not None, BM=bm, BN=bn, BLOCK_L=_block_l(L), num_warps=4)
+            HAS_WEIGHT=row_weight is not None, STORE_H=h_t is not None, ACT=act, BM=bm, BN=bn, BLOCK_L=_block_l(L),
+            num_warps=4)
         return dwp
 
     def launch(cfg: TileConfig, out_t: torch.Tensor, h_t: torch.Tensor | None) -> torch.Tensor | None:
@@ -669,7 +750,7 @@ def rows_gemm(
             _descriptor(b_tma_layout, b_block) if b_tma else None,
             num_rows, n, K, L, npm, b.shape[1], a.stride(0), b_strides[0], b_strides[1], b_strides[2], out_t.stride(0),
             gate_up.stride(0) if gate_up is not None else 0, h_t.stride(0) if h_t is not None else 0,
-            A_GATHER=a_gather, EPILOGUE=epilogue, HAS_WEIGHT=row_weight is not None, STORE_H=h_t is not None,
+            A_GATHER=a_gather, EPILOGUE=epilogue, HAS_WEIGHT=row_weight is not None, STORE_H=h_t is not None, ACT=act,
             ZERO_PAD=zero_pad and epilogue == EPI_STORE,
             EVEN_K=K % cfg.BK == 0, A_TMA=a_tma, B_TMA=b_tma, B_K_MAJOR=b_k_major, DOT_PREC=_dot_precision(a.dtype), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
             GROUP_M=cfg.GROUP_M, BLOCK_L=_block_l(L), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -678,6 +759,8 @@ def rows_gemm(
     if config is None:
         scratch = _once(lambda: (torch.empty_like(out), None if h_out is None else torch.empty_like(h_out)))
         flags = (str(a.dtype), epilogue, a_gather, row_weight is not None, b_strides[2] == 1, h_out is not None)
+        if epilogue == EPI_SWIGLU_BWD:
+            flags += (activation,)
         config = tile_config("rows", (n, K) + flags, _rows_bucket(num_rows, L), lambda c: launch(c, *scratch()),
                              flops=2.0 * num_rows * n * K, extra=(_GROUPED_MM,) if gmm_ok else ())
     dwp = launch(config, out, h_out)
