@@ -182,6 +182,11 @@ class SwiGLUExperts(nn.Module):
             builds TE modules now and raises ImportError without TransformerEngine.
         activation: gate activation, an HF ``hidden_act`` name in :data:`ACTIVATIONS`
             (default ``"silu"``: SwiGLU).
+        fp8: ``None`` or ``"tensor"`` / ``"block"``, backend ``"fused"`` only: both forward GEMMs on
+            float8_e4m3fn inputs with fp32 scales, per tensor or blockwise (activations 1 x 128,
+            weights 128 x 128), the backward in the input dtype (see
+            :func:`moe_dispatch.experts_fused.fused_swiglu_experts`); the weights are quantized at
+            every call. For FP8 with TransformerEngine use backend ``"te"`` under ``te.autocast``.
         device, dtype: of the parameters.
 
     Raises:
@@ -200,6 +205,7 @@ class SwiGLUExperts(nn.Module):
         backend: str = "auto",
         *,
         activation: str = "silu",
+        fp8: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -217,8 +223,16 @@ class SwiGLUExperts(nn.Module):
             if activation not in FUSED_ACTIVATIONS:
                 raise ValueError(f"backend 'fused' computes the activations {sorted(FUSED_ACTIVATIONS)} in its "
                                  f"kernels, got activation={activation!r}")
+        if fp8 is not None:
+            if backend != "fused":
+                raise ValueError(f"fp8={fp8!r} needs backend 'fused' (TE's FP8: backend 'te' under te.autocast), "
+                                 f"got backend={backend!r}")
+            from .experts_fused import FP8_RECIPES
+
+            if fp8 not in FP8_RECIPES:
+                raise ValueError(f"fp8 must be None or one of {FP8_RECIPES}, got {fp8!r}")
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
-        self.backend, self.activation = backend, activation
+        self.backend, self.activation, self.fp8 = backend, activation, fp8
         self.act = ACTIVATIONS[activation]
         factory = dict(device=device, dtype=dtype)
         self.experts_gate_up_weight = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **factory))
@@ -228,7 +242,8 @@ class SwiGLUExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
-                f"intermediate_size={self.intermediate_size}, backend={self.backend!r}, activation={self.activation!r}")
+                f"intermediate_size={self.intermediate_size}, backend={self.backend!r}, activation={self.activation!r}"
+                + (f", fp8={self.fp8!r}" if self.fp8 else ""))
 
     @torch.no_grad()
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -259,7 +274,8 @@ class SwiGLUExperts(nn.Module):
         if backend == "fused":
             from .experts_fused import fused_swiglu_experts  # lazy: imports triton
             return fused_swiglu_experts(expert_input, tokens_per_expert, _local_weight(self.experts_gate_up_weight),
-                                        _local_weight(self.experts_down_weight), activation=self.activation)
+                                        _local_weight(self.experts_down_weight), activation=self.activation,
+                                        fp8=self.fp8)
         counts = [int(c) for c in tokens_per_expert.tolist()]  # host sync: per-expert row counts
         if backend == "te":
             return self._forward_te(expert_input, counts)
@@ -277,7 +293,7 @@ class SwiGLUExperts(nn.Module):
         from .experts_fused import fused_moe_experts  # lazy: imports triton
         return fused_moe_experts(hidden_states, selected_experts, routing_weights,
                                  _local_weight(self.experts_gate_up_weight), _local_weight(self.experts_down_weight),
-                                 return_counts=True, activation=self.activation)
+                                 return_counts=True, activation=self.activation, fp8=self.fp8)
 
     # --- backends ---------------------------------------------------------------------------------
     def _forward_grouped_mm(self, x_RH: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:

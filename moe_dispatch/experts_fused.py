@@ -28,11 +28,16 @@ except the kernels.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-__all__ = ["fused_swiglu_experts", "fused_moe_experts", "routing_rows", "FUSED_ACTIVATIONS"]
+__all__ = ["fused_swiglu_experts", "fused_moe_experts", "routing_rows", "FUSED_ACTIVATIONS", "FP8_RECIPES",
+           "FP8ExpertWeights", "quantize_expert_weights"]
+
+#: FP8 recipes of the fused experts' forward GEMMs (``fp8=``).
+FP8_RECIPES = ("tensor", "block")
 
 #: Gate activations the fused kernels compute in their epilogues, by HF ``hidden_act`` name (every
 #: name of :data:`moe_dispatch.experts.ACTIVATIONS`), to the kernels' name. The three tanh forms
@@ -55,6 +60,14 @@ def _kernels():
     return grouped_gemm
 
 
+def _fp8_kernels():
+    try:
+        from .kernels import fp8
+    except ImportError as err:
+        raise ImportError(f"{_TRITON_HINT}; import failed: {err}") from err
+    return fp8
+
+
 def _down_strides_fwd(w_d: torch.Tensor) -> tuple[int, int, int]:
     """``y = h Wd^T``: element (e, k over I, n over H) of the B operand."""
     return w_d.stride(0), w_d.stride(2), w_d.stride(1)
@@ -67,28 +80,51 @@ def _down_strides_fwd(w_d: torch.Tensor) -> tuple[int, int, int]:
 def _fused_experts_fwd(
     x: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
     row_token: Optional[torch.Tensor], row_weight: Optional[torch.Tensor],
-    num_rows: int, num_out: int, gather: bool, scatter: bool, save: bool, activation: str,
+    num_rows: int, num_out: int, gather: bool, scatter: bool, save: bool, activation: str, fp8: str,
+    wgu_q: Optional[torch.Tensor], wgu_s: Optional[torch.Tensor], wd_q: Optional[torch.Tensor],
+    wd_s: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, gu)``: ``gu [R, 2I]`` the gate | up pre-activations kept for the backward (empty
-    unless ``save``); h [R, I] lives only until the down GEMM has read it."""
+    unless ``save``); h [R, I] lives only until the down GEMM has read it.
+
+    ``fp8`` ("" for none, "tensor", "block"): x, h and both weights quantized to e4m3 (the
+    weights unless given quantized: ``wgu_q, wgu_s, wd_q, wd_s``), fp32 accumulation, h and gu
+    in x's dtype."""
     kernels = _kernels()
     H = w_gate_up.shape[2]
-    h, gu = kernels.gate_up_swiglu(x, counts, w_gate_up, num_rows, row_token=row_token if gather else None,
-                                   save_gate_up=save, activation=activation)
+    a_in, b_gu, b_d, gu_scales = x, w_gate_up, w_down, None
+    if fp8:
+        quant = _fp8_kernels()
+        a_in, x_s = quant.quantize_rows(x, fp8, None if gather else counts)
+        if wgu_q is None:
+            wgu_q, wgu_s = quant.quantize_weight(w_gate_up, fp8)
+            wd_q, wd_s = quant.quantize_weight(w_down, fp8)
+        b_gu, b_d = wgu_q, wd_q
+        gu_scales = kernels.FP8Scales(fp8, x_s, wgu_s)
+    h, gu = kernels.gate_up_swiglu(a_in, counts, b_gu, num_rows, row_token=row_token if gather else None,
+                                   save_gate_up=save, activation=activation, scales=gu_scales, out_dtype=x.dtype)
+    del a_in
+    down_scales = None
+    if fp8:
+        h, h_s = quant.quantize_rows(h, fp8, counts)
+        # w_down [L, H, I]: the down GEMM's B element (e, k over I, n over H); scale block (e, n, k)
+        down_scales = kernels.FP8Scales(fp8, h_s, wd_s, (wd_s.stride(0), wd_s.stride(2), wd_s.stride(1))
+                                        if fp8 == "block" else (0, 0, 0))
     if scatter:
         out32 = torch.zeros(num_out, H, device=x.device, dtype=torch.float32)
-        kernels.rows_gemm(h, counts, w_down, _down_strides_fwd(w_down), H, out32, num_rows,
-                          epilogue=kernels.EPI_SCATTER, row_token=row_token, row_weight=row_weight)
+        kernels.rows_gemm(h, counts, b_d, _down_strides_fwd(b_d), H, out32, num_rows, epilogue=kernels.EPI_SCATTER,
+                          row_token=row_token, row_weight=row_weight, scales=down_scales)
         del h
         out = out32.to(x.dtype)
     else:
         out = torch.empty(num_rows, H, device=x.device, dtype=x.dtype)
-        kernels.rows_gemm(h, counts, w_down, _down_strides_fwd(w_down), H, out, num_rows)
+        kernels.rows_gemm(h, counts, b_d, _down_strides_fwd(b_d), H, out, num_rows, scales=down_scales)
     return out, (gu if save else x.new_empty(0))
 
 
 @_fused_experts_fwd.register_fake
-def _(x, counts, w_gate_up, w_down, row_token, row_weight, num_rows, num_out, gather, scatter, save, activation):
+def _(x, counts, w_gate_up, w_down, row_token, row_weight, num_rows, num_out, gather, scatter, save, activation, fp8,
+      wgu_q, wgu_s, wd_q, wd_s):
     H, I = w_gate_up.shape[2], w_down.shape[2]
     out = x.new_empty(num_out if scatter else num_rows, H)
     return out, x.new_empty((num_rows, 2 * I) if save else (0,))
@@ -150,7 +186,8 @@ def _(dout, x, counts, w_gate_up, w_down, row_token, row_weight, gu, num_rows, g
 
 
 def _setup_context(ctx, inputs, output):
-    x, counts, w_gate_up, w_down, row_token, row_weight, num_rows, num_out, gather, scatter, save, activation = inputs
+    (x, counts, w_gate_up, w_down, row_token, row_weight, num_rows, num_out, gather, scatter, save, activation,
+     *_fp8) = inputs
     _, gu = output
     # gu is kept for the backward only: no gradient flows into it, and autograd must not build
     # a zero [R, 2I] gradient for it (materialised grads would cost R x 2I at every backward).
@@ -164,12 +201,12 @@ def _backward(ctx, dout, _dgu):
     x, counts, w_gate_up, w_down, row_token, row_weight, gu = ctx.saved_tensors
     num_rows, gather, scatter, save, activation = ctx.flags
     if dout is None:  # out took no part in the loss
-        return (None,) * 12
+        return (None,) * 17
     if not save:
         raise RuntimeError("fused experts: backward through a forward run without saving (grad was disabled)")
     dx, dwgu, dwd, drw = _fused_experts_bwd(dout, x, counts, w_gate_up, w_down, row_token, row_weight, gu,
                                             num_rows, gather, scatter, activation)
-    return dx, None, dwgu, dwd, None, (drw if scatter else None), None, None, None, None, None, None
+    return (dx, None, dwgu, dwd, None, (drw if scatter else None)) + (None,) * 11
 
 
 _fused_experts_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -203,9 +240,77 @@ def _needs_save(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+@dataclass(frozen=True)
+class FP8ExpertWeights:
+    """Both stacked expert weights quantized to float8_e4m3fn (:func:`quantize_expert_weights`).
+
+    Attributes:
+        recipe: ``"tensor"`` or ``"block"``.
+        gate_up: ``[L, 2I, H]`` e4m3; gate_up_scale: fp32 ``[L]`` ("tensor") or
+            ``[L, ceil(2I / 128), ceil(H / 128)]`` ("block", 128 x 128 blocks).
+        down: ``[L, H, I]`` e4m3; down_scale: fp32 ``[L]`` or ``[L, ceil(H / 128), ceil(I / 128)]``.
+    """
+
+    recipe: str
+    gate_up: torch.Tensor
+    gate_up_scale: torch.Tensor
+    down: torch.Tensor
+    down_scale: torch.Tensor
+
+
+def _check_fp8(fp8: str | None, fp8_weights: FP8ExpertWeights | None, w_gate_up: torch.Tensor,
+               w_down: torch.Tensor) -> str:
+    """The recipe (``""``: none) from ``fp8`` and ``fp8_weights``, checked."""
+    if fp8_weights is not None:
+        if not isinstance(fp8_weights, FP8ExpertWeights):
+            raise TypeError(f"fp8_weights must be an FP8ExpertWeights, got {type(fp8_weights).__name__}")
+        if fp8 is not None and fp8 != fp8_weights.recipe:
+            raise ValueError(f"fp8={fp8!r} but fp8_weights were quantized with recipe {fp8_weights.recipe!r}")
+        if (fp8_weights.gate_up.shape != w_gate_up.shape or fp8_weights.down.shape != w_down.shape
+                or fp8_weights.gate_up.device != w_gate_up.device):
+            raise ValueError(f"fp8_weights must quantize these weights: gate_up {tuple(w_gate_up.shape)}, down "
+                             f"{tuple(w_down.shape)} on {w_gate_up.device}, got {tuple(fp8_weights.gate_up.shape)}, "
+                             f"{tuple(fp8_weights.down.shape)} on {fp8_weights.gate_up.device}")
+        fp8 = fp8_weights.recipe
+    if fp8 is not None and fp8 not in FP8_RECIPES:
+        raise ValueError(f"fp8 must be None or one of {FP8_RECIPES}, got {fp8!r}")
+    return fp8 or ""
+
+
+def quantize_expert_weights(w_gate_up: torch.Tensor, w_down: torch.Tensor, recipe: str) -> FP8ExpertWeights:
+    """Both stacked weights to float8_e4m3fn with fp32 power-of-two scales (not differentiable).
+
+    The fp8 experts quantize their weights at every call unless given these (``fp8_weights=``):
+    quantize once where the weights do not change between calls (inference, micro-batches of one
+    optimizer step) and quantize again after every update of the weights.
+
+    Args:
+        w_gate_up: ``[L, 2I, H]`` bf16 / fp16 / fp32; w_down: ``[L, H, I]`` (same dtype).
+        recipe: ``"tensor"`` (one scale per expert weight) or ``"block"`` (128 x 128 blocks).
+
+    Raises:
+        ValueError on a bad recipe or shapes; TypeError on a bad dtype.
+    """
+    if recipe not in FP8_RECIPES:
+        raise ValueError(f"recipe must be one of {FP8_RECIPES}, got {recipe!r}")
+    _check_dtype(w_gate_up)
+    _check_weights(w_gate_up, w_down, w_gate_up.shape[2] if w_gate_up.dim() == 3 else -1)
+    quant = _fp8_kernels()
+    with torch.no_grad():
+        gu_q, gu_s = quant.quantize_weight(w_gate_up.detach().contiguous(), recipe)
+        d_q, d_s = quant.quantize_weight(w_down.detach().to(w_gate_up.dtype).contiguous(), recipe)
+    return FP8ExpertWeights(recipe, gu_q, gu_s, d_q, d_s)
+
+
+def _fp8_weight_args(fp8_weights: FP8ExpertWeights | None) -> tuple:
+    if fp8_weights is None:
+        return None, None, None, None
+    return fp8_weights.gate_up, fp8_weights.gate_up_scale, fp8_weights.down, fp8_weights.down_scale
+
+
 def fused_swiglu_experts(
     x_RH: torch.Tensor, tokens_per_expert: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, *,
-    activation: str = "silu",
+    activation: str = "silu", fp8: str | None = None, fp8_weights: FP8ExpertWeights | None = None,
 ) -> torch.Tensor:
     """Gated experts (``down(act(gate(x)) * up(x))``, SwiGLU by default) on expert-grouped rows
     (``DispatchOutput.expert_input``), differentiable.
@@ -218,14 +323,26 @@ def fused_swiglu_experts(
         w_down: ``[L, H, I]``; cast to ``x_RH``'s dtype.
         activation: ``act``, a name of :data:`FUSED_ACTIVATIONS` (HF ``hidden_act``), computed in
             fp32 in the gate+up GEMM's epilogue and its derivative in the dH GEMM's.
+        fp8: None, or the FP8 recipe of both forward GEMMs: ``"tensor"`` or ``"block"``. The GEMM
+            inputs (x, h and both weights) are quantized to float8_e4m3fn with fp32 power-of-two
+            scales (:mod:`moe_dispatch.kernels.fp8`): ``"tensor"`` one scale per activation tensor
+            and per expert weight, applied in the epilogue; ``"block"`` activations 1 x 128 along
+            K, weights 128 x 128 (DeepSeek-V3), applied at every K step. fp32 accumulation; h and
+            the kept g | u in x's dtype. The backward runs in x's dtype from the saved x, g | u
+            (the fp8 forward's) and the unquantized weights: the gradient of the high-precision
+            function at the fp8 forward's activations (quantization as a straight-through
+            estimator).
+        fp8_weights: the weights already quantized (:func:`quantize_expert_weights` of these
+            weights, in x's dtype); implies its recipe. None: quantized at this call.
 
     Returns:
         ``[R, H]`` in ``x_RH``'s dtype.
 
     Raises:
-        ValueError / TypeError on bad shapes, dtypes or activation.
+        ValueError / TypeError on bad shapes, dtypes, activation or fp8 arguments.
     """
     act = _kernel_activation(activation)
+    recipe = _check_fp8(fp8, fp8_weights, w_gate_up, w_down)
     _check_dtype(x_RH)
     if x_RH.dim() != 2:
         raise ValueError(f"x_RH must be [R, H], got {tuple(x_RH.shape)}")
@@ -239,7 +356,7 @@ def fused_swiglu_experts(
     R = x_RH.shape[0]
     save = _needs_save(x_RH, w_gate_up, w_down)
     out, _ = _fused_experts_fwd(x_RH, tokens_per_expert, w_gate_up, w_down, None, None, R, R, False, False, save,
-                                act)
+                                act, recipe, *_fp8_weight_args(fp8_weights))
     return out
 
 
@@ -273,7 +390,8 @@ def routing_rows(selected_experts_NK: torch.Tensor, routing_weights_NK: torch.Te
 def fused_moe_experts(
     x_NH: torch.Tensor, selected_experts_NK: torch.Tensor, routing_weights_NK: torch.Tensor,
     w_gate_up: torch.Tensor, w_down: torch.Tensor, *, gather: bool = True, scatter: bool = True,
-    check_ids: bool = True, return_counts: bool = False, activation: str = "silu",
+    check_ids: bool = True, return_counts: bool = False, activation: str = "silu", fp8: str | None = None,
+    fp8_weights: FP8ExpertWeights | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Single-GPU / EP=1 MoE experts from tokens to combined tokens, differentiable (w.r.t. tokens,
     both weights and the routing weights).
@@ -293,14 +411,19 @@ def fused_moe_experts(
             (a router's output).
         return_counts: also return the rows per expert (int64 ``[L]``).
         activation: the gate activation (see :func:`fused_swiglu_experts`).
+        fp8, fp8_weights: FP8 forward GEMMs (see :func:`fused_swiglu_experts`); the tokens are
+            quantized once (per-tensor: one scale for all N tokens; blockwise: per token and 128
+            columns) and read through the routing index.
 
     Returns:
         ``[N, H]`` in x's dtype (and ``counts [L]`` with ``return_counts``).
 
     Raises:
-        ValueError / TypeError on bad shapes, dtypes, activation or (``check_ids``) expert ids.
+        ValueError / TypeError on bad shapes, dtypes, activation, fp8 arguments or (``check_ids``)
+        expert ids.
     """
     act = _kernel_activation(activation)
+    recipe = _check_fp8(fp8, fp8_weights, w_gate_up, w_down)
     _check_dtype(x_NH)
     if x_NH.dim() != 2:
         raise ValueError(f"x_NH must be [N, H], got {tuple(x_NH.shape)}")
@@ -324,7 +447,7 @@ def fused_moe_experts(
     x_in = x_NH if gather else x_NH.index_select(0, row_token)
     save = _needs_save(x_NH, w_gate_up, w_down, row_weight)
     out, _ = _fused_experts_fwd(x_in, counts, w_gate_up, w_down, row_token, row_weight, S, N, gather, scatter,
-                                save, act)
+                                save, act, recipe, *_fp8_weight_args(fp8_weights))
     if not scatter:
         combined = torch.zeros(N, x_NH.shape[1], device=x_NH.device, dtype=torch.float32)
         out = combined.index_add(0, row_token.long(), out.float() * row_weight[:, None]).to(x_NH.dtype)

@@ -225,7 +225,8 @@ def test_custom_ops_opcheck_and_compile():
     counts = torch.tensor([3, 2])
     x = torch.randn(6, H, generator=gen).requires_grad_()
     op = torch.ops.moe_dispatch.fused_experts_fwd.default
-    torch.library.opcheck(op, (x, counts, wgu, wd, None, None, 6, 6, False, False, True, "silu"),
+    torch.library.opcheck(op, (x, counts, wgu, wd, None, None, 6, 6, False, False, True, "silu", "", None, None, None,
+                               None),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
     def fn(x, sel, rw):
