@@ -15,6 +15,13 @@ Rows:
   :func:`moe_dispatch.experts_fused.fused_moe_experts`; ``g`` = gather fused into the first GEMM
   (else a permuted copy first), ``s`` = scatter with the routing weight fused into the last GEMM
   (else ``index_add``); ``-`` = neither.
+- ``tokens[fused,gs,fp8=<recipe>]`` (fused backend, sm89+, unless ``--no-fp8``): the same with
+  both forward GEMMs on e4m3 inputs (``fp8="tensor"`` / ``"block"``), weights quantized at every
+  call; ``...,qw]``: weights quantized once before timing (``fp8_weights=``, inference or
+  micro-batches of one step). ``rel err`` of these rows is against HF's output too (the tokens
+  rows compute the whole block's expert output); ``x bound`` stays the bf16 bound. With
+  ``--expert-shapes``, the blockwise row is added per shape too. Without CUDA or below sm89 the
+  fp8 rows are skipped with the reason printed.
 - ``--expert-shapes``: experts alone at the Mixtral, Qwen3-MoE (H 2048, 128 experts, top-8,
   I 768) and DeepSeek (H 7168, 256 experts, top-8, I 2048) expert shapes for each ``--shape-tokens``
   T, ``torch._grouped_mm`` against fused (rows) and fused gather+scatter (tokens), uniform random
@@ -173,6 +180,43 @@ def _topk_routing(T: int, E: int, K: int, seed: int = 0):
     return selected, weights / weights.sum(-1, keepdim=True)
 
 
+def fp8_why_not() -> str | None:
+    """None when the fp8 rows can run here, else why not."""
+    if not torch.cuda.is_available():
+        return "needs CUDA"
+    if torch.cuda.get_device_capability() < (8, 9):
+        return f"e4m3 tensor-core dots need sm89+, this GPU is sm{''.join(map(str, torch.cuda.get_device_capability()))}"
+    return None
+
+
+def fused_fp8_rows(x_NH, selected, weights, w_gate_up, w_down, warmup: int, iters: int, ref=None,
+                   prefix: str = "tokens[fused,gs", recipes=("tensor", "block")) -> list[dict]:
+    """Rows ``tokens[fused,gs,fp8=<recipe>]`` (weights quantized per call) and ``...,qw]``
+    (quantized once); ``ref``: ``[N, H]`` output the rel err is taken against (or None)."""
+    from moe_dispatch.experts_fused import fused_moe_experts, quantize_expert_weights
+
+    why = fp8_why_not()
+    if why is not None:
+        print(f"fp8 rows skipped: {why}")
+        return []
+    rows = []
+    weights = weights.detach().requires_grad_()
+    for recipe in recipes:
+        qw = quantize_expert_weights(w_gate_up, w_down, recipe)
+        for tag, kwargs in ((f"fp8={recipe}", dict(fp8=recipe)), (f"fp8={recipe},qw", dict(fp8_weights=qw))):
+            fn = (lambda t, kw=kwargs: fused_moe_experts(t, selected, weights, w_gate_up, w_down, check_ids=False,
+                                                         **kw))
+            fwd, fwd_bwd, peak = timed_pair(fn, x_NH, [w_gate_up, w_down, weights], warmup, iters)
+            err = None
+            if ref is not None:
+                with torch.no_grad():
+                    err = rel_err(fn(x_NH), ref)
+            rows.append({"name": f"{prefix},{tag}]", "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd, "peak_gb": peak,
+                         "rel_err_vs_hf": err})
+        del qw
+    return rows
+
+
 def fused_token_rows(x_NH, selected, weights, w_gate_up, w_down, warmup: int, iters: int) -> list[dict]:
     """Rows ``tokens[fused,<g><s>]`` for the four gather / scatter combinations."""
     from moe_dispatch.experts_fused import fused_moe_experts
@@ -198,9 +242,10 @@ EXPERT_SHAPES = {  # name: (hidden, ffn, experts, top-k)
 
 
 def expert_shape_rows(token_counts: list[int], backends: list[str], tflops: float, hbm_gbps: float,
-                      warmup: int, iters: int, shapes: list[str] | None = None) -> list[dict]:
+                      warmup: int, iters: int, shapes: list[str] | None = None, fp8: bool = False) -> list[dict]:
     """Experts alone at each shape of ``EXPERT_SHAPES`` (or those named in ``shapes``) and each T:
-    grouped_mm vs fused vs fused g+s."""
+    grouped_mm vs fused vs fused g+s (and, with ``fp8``, fused g+s on blockwise e4m3 inputs; its
+    bound is still the bf16 one)."""
     from moe_dispatch.experts import SwiGLUExperts
     from moe_dispatch.experts_fused import fused_moe_experts, routing_rows
 
@@ -224,15 +269,20 @@ def expert_shape_rows(token_counts: list[int], backends: list[str], tflops: floa
             # weights read once (fwd); fwd+bwd: read twice more (dX, dH) and the grads written
             bound = {"fwd": max(flops / (tflops * 1e12), weight_bytes / (hbm_gbps * 1e9)) * 1e3,
                      "fwd_bwd": max(3 * flops / (tflops * 1e12), 4 * weight_bytes / (hbm_gbps * 1e9)) * 1e3}
-            variants = [(f"experts[{b}]", b) for b in backends if b in ("grouped_mm", "fused")] + [("tokens[fused,gs]", None)]
-            for name, backend in variants:
+            # (name, expert backend or None for the tokens path, fp8 recipe of the tokens path)
+            variants = [(f"experts[{b}]", b, None) for b in backends if b in ("grouped_mm", "fused")]
+            variants.append(("tokens[fused,gs]", None, None))
+            if fp8 and fp8_why_not() is None:
+                variants.append(("tokens[fused,gs,fp8=block]", None, "block"))
+            for name, backend, recipe in variants:
                 if backend is not None:
                     experts.backend = backend
                     fn, inp, ps = (lambda t: experts(t, counts)), rows_in, params
                 else:
                     w = weights.detach().requires_grad_()
-                    fn = (lambda t, w=w: fused_moe_experts(t, selected, w, experts.experts_gate_up_weight,
-                                                           experts.experts_down_weight, check_ids=False))
+                    fn = (lambda t, w=w, recipe=recipe: fused_moe_experts(
+                        t, selected, w, experts.experts_gate_up_weight, experts.experts_down_weight, check_ids=False,
+                        fp8=recipe))
                     inp, ps = x, params + [w]
                 fwd, fwd_bwd, peak = timed_pair(fn, inp, ps, warmup, iters)
                 rows.append({"shape": shape, "tokens": T, "name": name, "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd,
@@ -250,7 +300,7 @@ def print_shape_row(row: dict | None, ref: dict) -> None:
     """One row of the expert-shapes table (the header when ``row`` is None); ``ref`` collects the
     grouped_mm fwd+bwd times for the speedup column."""
     if row is None:
-        header = (f"{'shape':<10}{'T':>6} {'row':<20}{'fwd ms':>9}{'x bound':>9}{'fwd+bwd':>10}{'x bound':>9}"
+        header = (f"{'shape':<10}{'T':>6} {'row':<28}{'fwd ms':>9}{'x bound':>9}{'fwd+bwd':>10}{'x bound':>9}"
                   f"{'bound f/fb':>13}{'peak GB':>9}{'vs gmm fb':>10}")
         print(header)
         print("-" * len(header))
@@ -260,7 +310,7 @@ def print_shape_row(row: dict | None, ref: dict) -> None:
     base = ref.get((row["shape"], row["tokens"]))
     speed = f"{base / row['fwd_bwd_ms']:.2f}x" if base else ""
     b = row["bound_ms"]
-    print(f"{row['shape']:<10}{row['tokens']:>6} {row['name']:<20}{row['fwd_ms']:>9.3f}{row['fwd_vs_bound']:>9.2f}"
+    print(f"{row['shape']:<10}{row['tokens']:>6} {row['name']:<28}{row['fwd_ms']:>9.3f}{row['fwd_vs_bound']:>9.2f}"
           f"{row['fwd_bwd_ms']:>10.3f}{row['fwd_bwd_vs_bound']:>9.2f}{b['fwd']:>6.2f}/{b['fwd_bwd']:<6.2f}"
           f"{row['peak_gb']:>9.2f}{speed:>10}", flush=True)
 
@@ -316,6 +366,7 @@ def main(argv=None) -> int:
     parser.add_argument("--qwen3-moe", action="store_true",
                         help="the Qwen3-MoE shape instead (H 2048, 128 experts, top-8, moe_intermediate 768)")
     parser.add_argument("--no-graphed", action="store_true", help="skip the capacity-mode / CUDA-graph rows")
+    parser.add_argument("--no-fp8", action="store_true", help="skip the fused experts' fp8 rows")
     args = parser.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -378,6 +429,10 @@ def main(argv=None) -> int:
         if backend == "fused":  # the experts from tokens to combined tokens, gather / scatter fused or not
             rows += fused_token_rows(x.view(T, H), selected, weights, block.experts.experts_gate_up_weight,
                                      block.experts.experts_down_weight, args.warmup, args.iters)
+            if not args.no_fp8:
+                rows += fused_fp8_rows(x.view(T, H), selected, weights, block.experts.experts_gate_up_weight,
+                                       block.experts.experts_down_weight, args.warmup, args.iters,
+                                       ref=hf_out.view(T, H))
         del block, dispatched, rows_in
         torch.cuda.empty_cache()
 
@@ -400,7 +455,7 @@ def main(argv=None) -> int:
     print(f"{result['device']}  torch {torch.__version__}  transformers {transformers.__version__}")
     print(f"T={T} H={H} I={I} E={E} top-{K} bf16; bf16 matmul {tflops:.0f} TFLOP/s; "
           f"bound fwd {bound['fwd']:.2f} ms, fwd+bwd {bound['fwd_bwd']:.2f} ms")
-    header = (f"{'row':<22}{'fwd ms':>9}{'x bound':>9}{'vs hf':>8}{'fwd+bwd ms':>12}{'x bound':>9}{'vs hf':>8}"
+    header = (f"{'row':<32}{'fwd ms':>9}{'x bound':>9}{'vs hf':>8}{'fwd+bwd ms':>12}{'x bound':>9}{'vs hf':>8}"
               f"{'rel err':>10}{'peak GB':>9}")
     print(header)
     print("-" * len(header))
@@ -409,7 +464,7 @@ def main(argv=None) -> int:
 
     for row in rows:
         err = "" if row["rel_err_vs_hf"] is None else f"{row['rel_err_vs_hf']:.1e}"
-        print(f"{row['name']:<22}{row['fwd_ms']:>9.2f}{row['fwd_vs_bound']:>9.2f}{speedup(row, 'fwd_speedup_vs_hf'):>8}"
+        print(f"{row['name']:<32}{row['fwd_ms']:>9.2f}{row['fwd_vs_bound']:>9.2f}{speedup(row, 'fwd_speedup_vs_hf'):>8}"
               f"{row['fwd_bwd_ms']:>12.2f}{row['fwd_bwd_vs_bound']:>9.2f}{speedup(row, 'fwd_bwd_speedup_vs_hf'):>8}"
               f"{err:>10}{row['peak_gb']:>9.2f}")
     if args.expert_shapes:
@@ -420,7 +475,8 @@ def main(argv=None) -> int:
               "bound = max(FLOPs / matmul, weight bytes / HBM)")
         shape_rows = expert_shape_rows([int(t) for t in args.shape_tokens.split(",")], backends, tflops, hbm,
                                        args.warmup, args.iters,
-                                       args.shape_names.split(",") if args.shape_names else None)
+                                       args.shape_names.split(",") if args.shape_names else None,
+                                       fp8=not args.no_fp8)
         result["hbm_gbps"], result["expert_shapes"] = hbm, shape_rows
     write_json(args.json, result)
     return 0

@@ -26,13 +26,14 @@ te          TransformerEngine ``GroupedLinear`` (FP8 / FP4 under  CUDA with TE i
             ``te.autocast``), fed views of the stacked weights    one host sync (m_splits)
 loop        one ``F.linear`` pair per expert (the reference)     any device and dtype; one
                                                                  host sync
-fused       Triton grouped GEMMs, SwiGLU fused into gate+up      CUDA (or CPU under
-            (:mod:`moe_dispatch.experts_fused`); SiLU only       ``TRITON_INTERPRET=1``);
-                                                                 bf16/fp16/fp32; no sync
+fused       Triton grouped GEMMs, the gate activation fused      CUDA (or CPU under
+            into gate+up (:mod:`moe_dispatch.experts_fused`);    ``TRITON_INTERPRET=1``);
+            every activation of :data:`ACTIVATIONS`              bf16/fp16/fp32; no sync
 ==========  ===================================================  ===========================
 
 ``"auto"`` picks ``grouped_mm`` on CUDA for bf16 inputs when it can run there, else ``loop``
-(decided per call from the input). This module imports only :mod:`moe_dispatch._optional` of the package.
+(decided per call from the input). At import this module imports only :mod:`moe_dispatch._optional` of the
+package; the fused backend imports :mod:`moe_dispatch.experts_fused` when it is built or run.
 
 Expert parallelism may turn both stacked weights into DTensor parameters (``Shard(0)`` over the
 EP mesh, see ``moe_dispatch.parallel``); every backend then computes on the local
@@ -59,7 +60,9 @@ def _gelu_tanh_formula(x: torch.Tensor) -> torch.Tensor:
 
 
 #: Gate activations by their HF ``hidden_act`` names, with HF's numerics (``transformers.activations``).
-#: Every backend applies it between its two GEMMs in PyTorch.
+#: The grouped_mm / te / loop backends apply it between their two GEMMs in PyTorch; the fused
+#: backend in its GEMM epilogues (``moe_dispatch.experts_fused.FUSED_ACTIVATIONS``: same formulas
+#: in fp32, a new entry here needs one there).
 ACTIVATIONS = {
     "silu": F.silu,
     "swish": F.silu,
@@ -179,6 +182,11 @@ class SwiGLUExperts(nn.Module):
             builds TE modules now and raises ImportError without TransformerEngine.
         activation: gate activation, an HF ``hidden_act`` name in :data:`ACTIVATIONS`
             (default ``"silu"``: SwiGLU).
+        fp8: ``None`` or ``"tensor"`` / ``"block"``, backend ``"fused"`` only: both forward GEMMs on
+            float8_e4m3fn inputs with fp32 scales, per tensor or blockwise (activations 1 x 128,
+            weights 128 x 128), the backward in the input dtype (see
+            :func:`moe_dispatch.experts_fused.fused_swiglu_experts`); the weights are quantized at
+            every call. For FP8 with TransformerEngine use backend ``"te"`` under ``te.autocast``.
         device, dtype: of the parameters.
 
     Raises:
@@ -197,6 +205,7 @@ class SwiGLUExperts(nn.Module):
         backend: str = "auto",
         *,
         activation: str = "silu",
+        fp8: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -208,10 +217,22 @@ class SwiGLUExperts(nn.Module):
             raise ValueError(f"backend must be one of {('auto',) + EXPERT_BACKENDS}, got {backend!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)} (HF hidden_act names), got {activation!r}")
-        if backend == "fused" and activation not in ("silu", "swish"):
-            raise ValueError(f"backend 'fused' computes SwiGLU only (activation 'silu'), got activation={activation!r}")
+        if backend == "fused":
+            from .experts_fused import FUSED_ACTIVATIONS  # lazy: keeps this module's imports as documented
+
+            if activation not in FUSED_ACTIVATIONS:
+                raise ValueError(f"backend 'fused' computes the activations {sorted(FUSED_ACTIVATIONS)} in its "
+                                 f"kernels, got activation={activation!r}")
+        if fp8 is not None:
+            if backend != "fused":
+                raise ValueError(f"fp8={fp8!r} needs backend 'fused' (TE's FP8: backend 'te' under te.autocast), "
+                                 f"got backend={backend!r}")
+            from .experts_fused import FP8_RECIPES
+
+            if fp8 not in FP8_RECIPES:
+                raise ValueError(f"fp8 must be None or one of {FP8_RECIPES}, got {fp8!r}")
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
-        self.backend, self.activation = backend, activation
+        self.backend, self.activation, self.fp8 = backend, activation, fp8
         self.act = ACTIVATIONS[activation]
         factory = dict(device=device, dtype=dtype)
         self.experts_gate_up_weight = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **factory))
@@ -221,7 +242,8 @@ class SwiGLUExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
-                f"intermediate_size={self.intermediate_size}, backend={self.backend!r}, activation={self.activation!r}")
+                f"intermediate_size={self.intermediate_size}, backend={self.backend!r}, activation={self.activation!r}"
+                + (f", fp8={self.fp8!r}" if self.fp8 else ""))
 
     @torch.no_grad()
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -252,7 +274,8 @@ class SwiGLUExperts(nn.Module):
         if backend == "fused":
             from .experts_fused import fused_swiglu_experts  # lazy: imports triton
             return fused_swiglu_experts(expert_input, tokens_per_expert, _local_weight(self.experts_gate_up_weight),
-                                        _local_weight(self.experts_down_weight))
+                                        _local_weight(self.experts_down_weight), activation=self.activation,
+                                        fp8=self.fp8)
         counts = [int(c) for c in tokens_per_expert.tolist()]  # host sync: per-expert row counts
         if backend == "te":
             return self._forward_te(expert_input, counts)
@@ -270,7 +293,7 @@ class SwiGLUExperts(nn.Module):
         from .experts_fused import fused_moe_experts  # lazy: imports triton
         return fused_moe_experts(hidden_states, selected_experts, routing_weights,
                                  _local_weight(self.experts_gate_up_weight), _local_weight(self.experts_down_weight),
-                                 return_counts=True)
+                                 return_counts=True, activation=self.activation, fp8=self.fp8)
 
     # --- backends ---------------------------------------------------------------------------------
     def _forward_grouped_mm(self, x_RH: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:

@@ -36,23 +36,23 @@ def _weights(L, H, I, gen, device="cpu", dtype=torch.float32, scale=0.3):
     return wgu, wd
 
 
-def _loop_rows(x, counts, wgu, wd):
+def _loop_rows(x, counts, wgu, wd, act=F.silu):
     """The loop reference on grouped rows (padding rows -> 0)."""
     outs, start = [], 0
     for e, c in enumerate(counts):
         g, u = F.linear(x[start:start + c], wgu[e]).chunk(2, dim=-1)
-        outs.append(F.linear(F.silu(g) * u, wd[e]))
+        outs.append(F.linear(act(g) * u, wd[e]))
         start += c
     outs.append(x.new_zeros(x.shape[0] - start, x.shape[1]))
     return torch.cat(outs)
 
 
-def _dense_tokens(x, sel, rw, wgu, wd):
+def _dense_tokens(x, sel, rw, wgu, wd, act=F.silu):
     """``out[n] = sum_k w[n, k] * expert_{e[n, k]}(x[n])``, one expert at a time over all tokens."""
     out = torch.zeros_like(x)
     for e in range(wgu.shape[0]):
         g, u = F.linear(x, wgu[e]).chunk(2, dim=-1)
-        y = F.linear(F.silu(g) * u, wd[e])
+        y = F.linear(act(g) * u, wd[e])
         weight = ((sel == e).to(rw.dtype) * rw).sum(1, keepdim=True)
         out = out + weight * y
     return out
@@ -225,7 +225,8 @@ def test_custom_ops_opcheck_and_compile():
     counts = torch.tensor([3, 2])
     x = torch.randn(6, H, generator=gen).requires_grad_()
     op = torch.ops.moe_dispatch.fused_experts_fwd.default
-    torch.library.opcheck(op, (x, counts, wgu, wd, None, None, 6, 6, False, False, True),
+    torch.library.opcheck(op, (x, counts, wgu, wd, None, None, 6, 6, False, False, True, "silu", "", None, None, None,
+                               None),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
     def fn(x, sel, rw):
@@ -321,9 +322,21 @@ def test_tile_config_tunes_once_and_persists(tmp_path, monkeypatch):
     assert [e["best"] for e in gg.tuning_log()][:1] == [str(cands[1])]
 
 
-def test_fused_backend_rejects_other_activations():
+def test_fused_backend_takes_every_activation_of_the_table_and_rejects_others(monkeypatch):
+    """Every ``ACTIVATIONS`` name builds a fused module; a table entry the kernels lack raises."""
+    from moe_dispatch import experts as experts_mod
+    from moe_dispatch.experts import ACTIVATIONS
+    from moe_dispatch.experts_fused import FUSED_ACTIVATIONS
+
+    assert set(ACTIVATIONS) <= set(FUSED_ACTIVATIONS)
+    for name in ACTIVATIONS:
+        assert SwiGLUExperts(2, 16, 8, backend="fused", activation=name).activation == name
+    monkeypatch.setitem(experts_mod.ACTIVATIONS, "softplus", F.softplus)
     with pytest.raises(ValueError, match="activation"):
-        SwiGLUExperts(2, 16, 8, backend="fused", activation="gelu")
+        SwiGLUExperts(2, 16, 8, backend="fused", activation="softplus")
+    with pytest.raises(ValueError, match="activation"):
+        fused_swiglu_experts(torch.randn(2, 16), torch.tensor([1, 1]), torch.randn(2, 16, 16), torch.randn(2, 16, 8),
+                             activation="softplus")
 
 
 def _check_awkward_case(gather_scatter: bool, seed: int) -> None:
@@ -456,3 +469,122 @@ def test_gpu_empty_experts_and_padding_bf16_vs_fp32_loop():
         assert err < BF16_TOL, name
     assert torch.equal(results[1][0][sum(counts):], torch.zeros(100, H, device="cuda"))
     assert torch.equal(results[1][2][1], torch.zeros(2 * I, H, device="cuda"))  # empty expert: zero grad
+
+
+# --- gate activations other than SiLU (a constexpr of the kernels) ------------------------------
+def _act_names():
+    from moe_dispatch.experts import ACTIVATIONS
+
+    return sorted(ACTIVATIONS)
+
+
+@pytest.mark.parametrize("activation", _act_names())
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(load=_counts_strategy(), seed=st.integers(0, 2**31 - 1))
+def test_activation_rows_vs_loop(activation, load, seed):
+    """Each HF activation: forward and the grads of rows and both weights against the loop
+    reference with the table's function (HF numerics), fp32, over expert loads (empty experts,
+    all rows to one expert, no rows) and padding rows."""
+    from moe_dispatch.experts import ACTIVATIONS
+
+    L, counts, pad = load
+    H, I = 24, 40
+    gen = torch.Generator().manual_seed(seed)
+    R = sum(counts) + pad
+    x = torch.randn(R, H, generator=gen).requires_grad_()
+    wgu, wd = _weights(L, H, I, gen)
+    tpe = torch.tensor(counts, dtype=torch.int64)
+    out = fused_swiglu_experts(x, tpe, wgu, wd, activation=activation)
+    ref = _loop_rows(x, counts, wgu, wd, act=ACTIVATIONS[activation])
+    assert rel_err(out, ref) < FP32_TOL
+    assert torch.equal(out[sum(counts):], torch.zeros(pad, H))
+    grad_out = torch.randn(R, H, generator=gen)
+    for name, g, w in zip(("x", "w_gate_up", "w_down"), _grads(out, (x, wgu, wd), grad_out),
+                          _grads(ref, (x, wgu, wd), grad_out)):
+        assert rel_err(g, torch.zeros_like(g) if w is None else w) < FP32_TOL, name
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_pytorch_tanh", "quick_gelu", "relu", "relu2", "tanh", "sigmoid"])
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(0, 9), L=st.integers(1, 4), k=st.integers(1, 3),
+       kind=st.sampled_from(["random", "drops", "empty", "one_expert"]), seed=st.integers(0, 2**31 - 1))
+def test_activation_tokens_gather_scatter_vs_dense(activation, n, L, k, kind, seed):
+    """Each kernel activation on the tokens path (gather + scatter): the routing weights' grad
+    (which reads the recomputed h) too."""
+    from moe_dispatch.experts import ACTIVATIONS
+
+    H, I = 24, 16
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, H, generator=gen).requires_grad_()
+    wgu, wd = _weights(L, H, I, gen)
+    sel = _routing(n, k, L, kind, gen)
+    rw = torch.rand(n, k, generator=gen).requires_grad_()
+    out = fused_moe_experts(x, sel, rw, wgu, wd, activation=activation)
+    ref = _dense_tokens(x, sel, rw, wgu, wd, act=ACTIVATIONS[activation])
+    assert rel_err(out, ref) < FP32_TOL
+    grad_out = torch.randn(n, H, generator=gen)
+    for name, g, w in zip(("x", "w_gate_up", "w_down", "routing_weights"), _grads(out, (x, wgu, wd, rw), grad_out),
+                          _grads(ref, (x, wgu, wd, rw), grad_out)):
+        assert rel_err(torch.zeros_like(w) if g is None else g, w) < FP32_TOL, name
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu2"])
+def test_activation_grouped_mm_candidate_and_module(monkeypatch, activation):
+    """The standalone gated backward (after the torch._grouped_mm dH candidate) takes the
+    activation too; and the module passes its activation to the kernels (rows and tokens)."""
+    from moe_dispatch.experts import ACTIVATIONS
+    from moe_dispatch.kernels import grouped_gemm as gg
+
+    gmm = gg.TileConfig(16, 16, 16, 2, 1, 1, impl="grouped_mm")
+    monkeypatch.setattr(gg, "_INTERPRET_CONFIG", {k: gmm for k in gg._INTERPRET_CONFIG})
+    gen = torch.Generator().manual_seed(12)
+    counts = [5, 0, 9, 2]
+    x = torch.randn(19, 24, generator=gen).requires_grad_()
+    wgu, wd = _weights(4, 24, 16, gen)
+    out = fused_swiglu_experts(x, torch.tensor(counts), wgu, wd, activation=activation)
+    ref = _loop_rows(x, counts, wgu, wd, act=ACTIVATIONS[activation])
+    grad_out = torch.randn_like(ref)
+    assert rel_err(out, ref) < FP32_TOL
+    for g, w in zip(_grads(out, (x, wgu, wd), grad_out), _grads(ref, (x, wgu, wd), grad_out)):
+        assert rel_err(g, w) < FP32_TOL
+    fused = SwiGLUExperts(4, 24, 16, backend="fused", activation=activation)
+    loop = SwiGLUExperts(4, 24, 16, backend="loop", activation=activation)
+    fused.reset_parameters(0.3)
+    loop.load_state_dict(fused.state_dict())
+    assert rel_err(fused(x, torch.tensor(counts)), loop(x, torch.tensor(counts))) < FP32_TOL
+    sel = torch.tensor([[0, 3], [2, 2], [1, -1]])
+    rw = torch.rand(3, 2, generator=gen)
+    tok = x[:3].detach()
+    got, _ = fused.forward_tokens(tok, sel, rw)
+    assert rel_err(got, _dense_tokens(tok, sel, rw, loop.experts_gate_up_weight, loop.experts_down_weight,
+                                      act=ACTIVATIONS[activation])) < FP32_TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_pytorch_tanh", "quick_gelu", "relu", "relu2", "tanh",
+                                        "sigmoid"])
+def test_gpu_activations_bf16_vs_fp32_loop(activation):
+    """Each kernel activation compiled on the GPU (epilogues of gate+up and dH, the autotune's
+    candidates), bf16 against the fp32 loop with the table's function, empty experts and padding."""
+    from moe_dispatch.experts import ACTIVATIONS
+
+    H, I = 1024, 512
+    counts = [1500, 0, 700, 2048]
+    R = sum(counts) + 64
+    gen = torch.Generator(device="cuda").manual_seed(13)
+    x = torch.randn(R, H, device="cuda", generator=gen)
+    wgu = torch.randn(len(counts), 2 * I, H, device="cuda", generator=gen) * 0.03
+    wd = torch.randn(len(counts), H, I, device="cuda", generator=gen) * 0.03
+    grad_out = torch.randn(R, H, device="cuda", generator=gen)
+    tpe = torch.tensor(counts, device="cuda")
+    act = ACTIVATIONS[activation]
+    results = []
+    for dtype, fn in ((torch.float32, lambda *t: _loop_rows(t[0], counts, *t[1:], act=act)),
+                      (torch.bfloat16, lambda *t: fused_swiglu_experts(t[0], tpe, *t[1:], activation=activation))):
+        ins = [t.to(dtype).requires_grad_() for t in (x, wgu, wd)]
+        out = fn(*ins)
+        results.append([out.float()] + [g.float() for g in torch.autograd.grad(out, ins, grad_out.to(dtype))])
+    for name, g, w in zip(("out", "x", "w_gate_up", "w_down"), results[1], results[0]):
+        err = rel_err(g, w)
+        print(f"{activation} {name}: rel err {err:.2e}")
+        assert err < BF16_TOL, name

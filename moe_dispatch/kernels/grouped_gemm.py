@@ -1,6 +1,7 @@
-"""Grouped GEMM kernels for SwiGLU experts: gate+up with the SwiGLU in the epilogue, the down
-projection (optionally scattering into token rows with the routing weight applied), and their
-backward (dX, dW per expert, SwiGLU backward fused into the dH GEMM's epilogue).
+"""Grouped GEMM kernels for gated experts (SwiGLU and its kin, ``h = act(g) * u`` with ``act`` a
+constexpr of the kernels, :data:`ACT_CODES`): gate+up with the activation in the epilogue, the
+down projection (optionally scattering into token rows with the routing weight applied), and
+their backward (dX, dW per expert, the gated backward fused into the dH GEMM's epilogue).
 
 Imports torch and triton only (nothing else of ours). Import lazily: under ``TRITON_INTERPRET=1``
 Triton decides how to run the kernels when they are defined, i.e. when this module is imported.
@@ -42,10 +43,12 @@ import triton.language as tl
 
 __all__ = [
     "TileConfig", "gate_up_swiglu", "rows_gemm", "expert_weight_grad", "tile_config", "tuning_log",
-    "clear_tuning_cache", "EPI_STORE", "EPI_SCATTER", "EPI_SWIGLU_BWD",
+    "clear_tuning_cache", "EPI_STORE", "EPI_SCATTER", "EPI_SWIGLU_BWD", "ACT_CODES", "FP8Scales",
 ]
 
 EPI_STORE, EPI_SCATTER, EPI_SWIGLU_BWD = 0, 1, 2
+#: Gate activations of the gated epilogues (``h = act(g) * u``): kernel name -> ACT constexpr.
+ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3, "relu": 4, "relu2": 5, "tanh": 6, "sigmoid": 7}
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _MAX_EXPERTS = 4096
 
@@ -103,28 +106,99 @@ def _load_b(ptrs, mask_n, rk, k0, K, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _swiglu_bwd(acc, gu, dgu, N, mask, w, dwp, mask_rows, HAS_WEIGHT: tl.constexpr):
-    """SwiGLU backward of one tile. ``acc`` fp32 ``[BM, BN]``: dout . Wd (unweighted); ``gu`` /
-    ``dgu``: pointer tiles of the gate columns (the up columns at + N); ``w`` ``[BM]`` routing
-    weights and ``dwp`` ``[BM]`` pointers of the partial routing-weight grads (HAS_WEIGHT)."""
+def _tanh(z):
+    """tanh from the sigmoid (Triton has no portable tanh across 3.x): absolute error ~1e-7."""
+    return 2.0 * tl.sigmoid(2.0 * z) - 1.0
+
+
+@triton.jit
+def _act(g, ACT: tl.constexpr):
+    """The gate activation of ``g`` (fp32), by ACT (see ``ACT_CODES``); HF's formulas."""
+    if ACT == 0:  # silu / swish
+        a = g * tl.sigmoid(g)
+    elif ACT == 1:  # gelu (erf)
+        a = g * (0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476)))
+    elif ACT == 2:  # gelu, tanh approximation (gelu_pytorch_tanh, gelu_new, gelu_fast)
+        a = 0.5 * g * (1.0 + _tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
+    elif ACT == 3:  # quick_gelu
+        a = g * tl.sigmoid(1.702 * g)
+    elif ACT == 4:  # relu
+        a = tl.maximum(g, 0.0)
+    elif ACT == 5:  # relu2
+        r = tl.maximum(g, 0.0)
+        a = r * r
+    elif ACT == 6:  # tanh
+        a = _tanh(g)
+    else:  # sigmoid
+        a = tl.sigmoid(g)
+    return a
+
+
+@triton.jit
+def _act_and_grad(g, ACT: tl.constexpr):
+    """``(act(g), act'(g))`` of ``g`` (fp32); ``act(g)`` is bit for bit :func:`_act`'s."""
+    if ACT == 0:
+        sig = tl.sigmoid(g)
+        a = g * sig
+        da = sig + a * (1.0 - sig)
+    elif ACT == 1:
+        cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
+        a = g * cdf
+        da = cdf + g * (0.3989422804014327 * tl.exp(-0.5 * g * g))
+    elif ACT == 2:
+        t = _tanh(0.7978845608028654 * (g + 0.044715 * g * g * g))
+        a = 0.5 * g * (1.0 + t)
+        da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g * g)
+    elif ACT == 3:
+        sig = tl.sigmoid(1.702 * g)
+        a = g * sig
+        da = sig + 1.702 * g * sig * (1.0 - sig)
+    elif ACT == 4:
+        a = tl.maximum(g, 0.0)
+        da = tl.where(g > 0.0, 1.0, 0.0)
+    elif ACT == 5:
+        r = tl.maximum(g, 0.0)
+        a = r * r
+        da = 2.0 * r
+    elif ACT == 6:
+        a = _tanh(g)
+        da = 1.0 - a * a
+    else:
+        a = tl.sigmoid(g)
+        da = a * (1.0 - a)
+    return a, da
+
+
+@triton.jit
+def _swiglu_bwd(acc, gu, dgu, h, N, mask, w, dwp, mask_rows, HAS_WEIGHT: tl.constexpr, STORE_H: tl.constexpr,
+                ACT: tl.constexpr):
+    """Gated-activation backward of one tile (``h = act(g) * u``). ``acc`` fp32 ``[BM, BN]``:
+    dout . Wd (unweighted); ``gu`` / ``dgu``: pointer tiles of the gate columns (the up columns at
+    + N); ``w`` ``[BM]`` routing weights and ``dwp`` ``[BM]`` pointers of the partial
+    routing-weight grads (HAS_WEIGHT); ``h`` (STORE_H): pointer tile where ``h`` is recomputed for
+    the down weight's grad (the forward does not keep h: fp32 gives the forward's h bit for bit)."""
     g = tl.load(gu, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(gu + N, mask=mask, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(g)
-    silu = g * sig
+    a, da = _act_and_grad(g, ACT)
+    if STORE_H:
+        tl.store(h, (a * u).to(h.dtype.element_ty), mask=mask)
     if HAS_WEIGHT:
-        tl.store(dwp, tl.sum(acc * silu * u, 1), mask=mask_rows)
+        tl.store(dwp, tl.sum(acc * a * u, 1), mask=mask_rows)
         acc = acc * w[:, None]
-    tl.store(dgu, (acc * u * (sig + silu * (1.0 - sig))).to(dgu.dtype.element_ty), mask=mask)
-    tl.store(dgu + N, (acc * silu).to(dgu.dtype.element_ty), mask=mask)
+    tl.store(dgu, (acc * u * da).to(dgu.dtype.element_ty), mask=mask)
+    tl.store(dgu + N, (acc * a).to(dgu.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _swiglu_bwd_kernel(
-    dh_ptr, gu_ptr, counts_ptr, row_weight_ptr, dgu_ptr, dwp_ptr, R, N, L, stride_dh, stride_gu, stride_dgu,
-    HAS_WEIGHT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BLOCK_L: tl.constexpr,
+    dh_ptr, gu_ptr, counts_ptr, row_weight_ptr, dgu_ptr, dwp_ptr, h_ptr, R, N, L, stride_dh, stride_gu, stride_dgu,
+    stride_h, HAS_WEIGHT: tl.constexpr, STORE_H: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr,
+    BLOCK_L: tl.constexpr,
 ):
     """The SwiGLU backward alone, after a dH GEMM done elsewhere (``dh [R, N]``, rows past
-    ``sum(counts)`` ignored): writes ``dgu [R, 2N]`` (valid rows) and ``dwp [cdiv(N, BN), R]``."""
+    ``sum(counts)`` ignored): writes ``dgu [R, 2N]`` (valid rows), ``dwp [cdiv(N, BN), R]`` and
+    (STORE_H) the recomputed ``h [R, N]`` (valid rows)."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     ev = tl.arange(0, BLOCK_L)
     total = tl.sum(tl.load(counts_ptr + ev, mask=ev < L, other=0).to(tl.int32), 0)
@@ -139,20 +213,23 @@ def _swiglu_bwd_kernel(
     else:
         w = tl.full((BM,), 1.0, dtype=tl.float32)  # unused
     _swiglu_bwd(acc, gu_ptr + rm64[:, None] * stride_gu + rn[None, :], dgu_ptr + rm64[:, None] * stride_dgu + rn[None, :],
-                N, mask, w, dwp_ptr + pid_n.to(tl.int64) * R + rm64, rm < R, HAS_WEIGHT)
+                h_ptr + rm64[:, None] * stride_h + rn[None, :], N, mask, w, dwp_ptr + pid_n.to(tl.int64) * R + rm64,
+                rm < R, HAS_WEIGHT, STORE_H, ACT)
 
 
 @triton.jit
 def _gate_up_swiglu_kernel(
-    x_ptr, row_token_ptr, w_ptr, counts_ptr, h_ptr, gu_ptr, x_desc, w_desc,
+    x_ptr, row_token_ptr, w_ptr, counts_ptr, h_ptr, gu_ptr, x_desc, w_desc, a_scale_ptr, b_scale_ptr,
     R, H, I, L, num_pid_m,
-    stride_xm, stride_we, stride_wn, stride_hm, stride_gum,
-    GATHER: tl.constexpr, SAVE_GU: tl.constexpr, ZERO_PAD: tl.constexpr, EVEN_K: tl.constexpr,
+    stride_xm, stride_we, stride_wn, stride_hm, stride_gum, stride_as, stride_bse, stride_bso,
+    GATHER: tl.constexpr, SAVE_GU: tl.constexpr, ZERO_PAD: tl.constexpr, EVEN_K: tl.constexpr, ACT: tl.constexpr,
+    SCALE: tl.constexpr,
     A_TMA: tl.constexpr, B_TMA: tl.constexpr,
     DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
-    """``h[r, n] = silu(g) * u``, ``g = x[src(r)] . w[e, n]``, ``u = x[src(r)] . w[e, I + n]``.
+    """``h[r, n] = act(g) * u``, ``g = x[src(r)] . w[e, n]``, ``u = x[src(r)] . w[e, I + n]``
+    (``act`` by ACT, :data:`ACT_CODES`; SiLU: SwiGLU).
 
     x: ``[*, H]``; w: ``[L, 2I, H]`` (gate rows, then up rows); h: ``[R, I]``; gu (SAVE_GU):
     ``[R, 2I]`` the pre-activations g | u for the backward. Each program loads the gate and the up
@@ -161,7 +238,13 @@ def _gate_up_swiglu_kernel(
     A_TMA / B_TMA: x / w tiles through tensor descriptors (``x_desc`` over ``[R, H]`` with block
     ``[BM, BK]``; ``w_desc`` over ``[L * 2I, H]`` with block ``[BN, BK]``). Rows a tile takes past
     its expert (the next expert's rows) only reach output rows / columns that are masked off; the
-    reduction dimension H is the descriptors' last, zero-filled past its end."""
+    reduction dimension H is the descriptors' last, zero-filled past its end.
+
+    SCALE (x and w in float8_e4m3fn, :mod:`moe_dispatch.kernels.fp8`): SCALE_TENSOR: ``acc *=
+    s_x * s_w[e]`` in the epilogue (``a_scale [1]``, ``b_scale [L]``); SCALE_BLOCK: each K step
+    (inside one 128-block: ``128 % BK == 0``) adds ``dot(a, b) * s_x[src(r), kb] * s_w[e, o // 128, kb]``
+    (``a_scale [*, KB]`` row stride ``stride_as``, ``b_scale [L, OB, KB]`` strides ``stride_bse``,
+    ``stride_bso``): the partial sums are promoted to fp32 every 128 elements at most."""
     pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, tl.cdiv(I, BN), GROUP_M)
     e, m0, row_end, total = _expert_of_block(counts_ptr, L, pid_m, BM, BLOCK_L)
     rm = m0 + tl.arange(0, BM)
@@ -180,6 +263,10 @@ def _gate_up_swiglu_kernel(
         acc_g = tl.zeros((BM, BN), dtype=tl.float32)
         acc_u = tl.zeros((BM, BN), dtype=tl.float32)
         w_row = e * (2 * I) + pid_n * BN
+        if SCALE == 2:
+            sa_ptrs = a_scale_ptr + src * stride_as
+            sg_ptrs = b_scale_ptr + e.to(tl.int64) * stride_bse + (rn // 128).to(tl.int64) * stride_bso
+            su_ptrs = b_scale_ptr + e.to(tl.int64) * stride_bse + ((I + rn) // 128).to(tl.int64) * stride_bso
         for k0 in range(0, H, BK):
             a = _load_a(x_desc, a_ptrs, mask_m, rk, m0, k0, H, A_TMA, EVEN_K)
             if B_TMA:
@@ -188,12 +275,24 @@ def _gate_up_swiglu_kernel(
             else:
                 bg = _load_b(g_ptrs, mask_n, rk, k0, H, EVEN_K)
                 bu = _load_b(u_ptrs, mask_n, rk, k0, H, EVEN_K)
-            acc_g = tl.dot(a, bg, acc_g, input_precision=DOT_PREC)
-            acc_u = tl.dot(a, bu, acc_u, input_precision=DOT_PREC)
+            if SCALE == 2:
+                kb = k0 // 128
+                sa = tl.load(sa_ptrs + kb, mask=mask_m, other=0.0)
+                sg = tl.load(sg_ptrs + kb, mask=mask_n, other=0.0)
+                su = tl.load(su_ptrs + kb, mask=mask_n, other=0.0)
+                acc_g += tl.dot(a, bg, input_precision=DOT_PREC) * (sa[:, None] * sg[None, :])
+                acc_u += tl.dot(a, bu, input_precision=DOT_PREC) * (sa[:, None] * su[None, :])
+            else:
+                acc_g = tl.dot(a, bg, acc_g, input_precision=DOT_PREC)
+                acc_u = tl.dot(a, bu, acc_u, input_precision=DOT_PREC)
             a_ptrs += BK
             g_ptrs += BK
             u_ptrs += BK
-        h = acc_g * tl.sigmoid(acc_g) * acc_u
+        if SCALE == 1:
+            sc = tl.load(a_scale_ptr) * tl.load(b_scale_ptr + e)
+            acc_g = acc_g * sc
+            acc_u = acc_u * sc
+        h = _act(acc_g, ACT) * acc_u
         out_mask = mask_m[:, None] & mask_n[None, :]
         rm64 = rm.to(tl.int64)
         tl.store(h_ptr + rm64[:, None] * stride_hm + rn[None, :], h.to(h_ptr.dtype.element_ty), mask=out_mask)
@@ -210,10 +309,14 @@ def _gate_up_swiglu_kernel(
 
 @triton.jit
 def _rows_gemm_kernel(
-    a_ptr, row_token_ptr, b_ptr, counts_ptr, out_ptr, row_weight_ptr, gu_ptr, dwp_ptr, a_desc, b_desc,
+    a_ptr, row_token_ptr, b_ptr, counts_ptr, out_ptr, row_weight_ptr, gu_ptr, dwp_ptr, h_ptr, a_desc, b_desc,
+    a_scale_ptr, b_scale_ptr,
     R, N, K, L, num_pid_m, b_rows_per_expert,
-    stride_am, stride_be, stride_bk, stride_bn, stride_om, stride_gum,
-    A_GATHER: tl.constexpr, EPILOGUE: tl.constexpr, HAS_WEIGHT: tl.constexpr, ZERO_PAD: tl.constexpr,
+    stride_am, stride_be, stride_bk, stride_bn, stride_om, stride_gum, stride_hm,
+    stride_as, stride_bse, stride_bsk, stride_bsn, SCALE: tl.constexpr,
+    A_GATHER: tl.constexpr, EPILOGUE: tl.constexpr, HAS_WEIGHT: tl.constexpr, STORE_H: tl.constexpr,
+    ACT: tl.constexpr,
+    ZERO_PAD: tl.constexpr,
     EVEN_K: tl.constexpr, A_TMA: tl.constexpr, B_TMA: tl.constexpr, B_K_MAJOR: tl.constexpr,
     DOT_PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_L: tl.constexpr,
@@ -223,9 +326,10 @@ def _rows_gemm_kernel(
     - EPI_STORE: ``out[r, n] = acc`` (``[R, N]``; padding rows zeroed when ZERO_PAD);
     - EPI_SCATTER: ``out[row_token[r], n] += w[r] * acc`` (fp32 ``[N_tok, N]``, atomics; w = 1
       without HAS_WEIGHT);
-    - EPI_SWIGLU_BWD (N = I): ``dh = w[r] * acc`` (w = 1 without HAS_WEIGHT), the SwiGLU backward
+    - EPI_SWIGLU_BWD (N = I): ``dh = w[r] * acc`` (w = 1 without HAS_WEIGHT), the gated (ACT) backward
       from the saved pre-activations ``gu [R, 2I]`` into ``out = dgu [R, 2I]``, and with
-      HAS_WEIGHT the partial routing-weight grads ``dwp[pid_n, r] = sum_n acc * h`` (fp32).
+      HAS_WEIGHT the partial routing-weight grads ``dwp[pid_n, r] = sum_n acc * h`` (fp32), and
+      with STORE_H ``h [R, N]`` recomputed from ``gu`` (valid rows).
 
     A_GATHER: row r of a is ``row_token[r]``.
 
@@ -233,7 +337,11 @@ def _rows_gemm_kernel(
     ``b_desc`` over b's 2-D view ``[L * b_rows_per_expert, cols]``: with B_K_MAJOR (k contiguous:
     rows are n, block ``[BN, BK]``, loaded transposed) the reduction runs along the zero-filled
     last dimension; otherwise (rows are k, block ``[BK, BN]``) the launcher guarantees
-    ``K % BK == 0`` so no tile reduces over the next expert's rows."""
+    ``K % BK == 0`` so no tile reduces over the next expert's rows.
+
+    SCALE (a and b in float8_e4m3fn): SCALE_TENSOR ``acc *= s_a * s_b[e]`` before the epilogue;
+    SCALE_BLOCK: each K step adds ``dot * s_a[src(r), kb] * s_b[e, kb, n // 128]`` (b's scale
+    element ``(e, k block, n block)`` at ``e * stride_bse + kb * stride_bsk + nb * stride_bsn``)."""
     pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, tl.cdiv(N, BN), GROUP_M)
     e, m0, row_end, total = _expert_of_block(counts_ptr, L, pid_m, BM, BLOCK_L)
     rm = m0 + tl.arange(0, BM)
@@ -255,6 +363,9 @@ def _rows_gemm_kernel(
         b_ptrs = b_ptr + e.to(tl.int64) * stride_be + rk[:, None].to(tl.int64) * stride_bk + rn[None, :].to(tl.int64) * stride_bn
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         b_row = e * b_rows_per_expert
+        if SCALE == 2:
+            sa_ptrs = a_scale_ptr + src * stride_as
+            sb_ptrs = b_scale_ptr + e.to(tl.int64) * stride_bse + (rn // 128).to(tl.int64) * stride_bsn
         for k0 in range(0, K, BK):
             a = _load_a(a_desc, a_ptrs, mask_m, rk, m0, k0, K, A_TMA, EVEN_K)
             if B_TMA:
@@ -264,9 +375,17 @@ def _rows_gemm_kernel(
                     b = b_desc.load([b_row + k0, pid_n * BN])
             else:
                 b = _load_b(b_ptrs, mask_n, rk, k0, K, EVEN_K)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+            if SCALE == 2:
+                kb = k0 // 128
+                sa = tl.load(sa_ptrs + kb, mask=mask_m, other=0.0)
+                sb = tl.load(sb_ptrs + kb * stride_bsk, mask=mask_n, other=0.0)
+                acc += tl.dot(a, b, input_precision=DOT_PREC) * (sa[:, None] * sb[None, :])
+            else:
+                acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
             a_ptrs += BK
             b_ptrs += BK * stride_bk
+        if SCALE == 1:
+            acc = acc * (tl.load(a_scale_ptr) * tl.load(b_scale_ptr + e))
         out_mask = mask_m[:, None] & mask_n[None, :]
         if HAS_WEIGHT:
             w = tl.load(row_weight_ptr + rm, mask=mask_m, other=0.0).to(tl.float32)
@@ -280,8 +399,8 @@ def _rows_gemm_kernel(
             tl.atomic_add(out_ptr + tok[:, None] * stride_om + rn[None, :], acc, mask=out_mask, sem="relaxed")
         else:
             _swiglu_bwd(acc, gu_ptr + rm64[:, None] * stride_gum + rn[None, :],
-                        out_ptr + rm64[:, None] * stride_om + rn[None, :], N, out_mask,
-                        w, dwp_ptr + pid_n.to(tl.int64) * R + rm64, mask_m, HAS_WEIGHT)
+                        out_ptr + rm64[:, None] * stride_om + rn[None, :], h_ptr + rm64[:, None] * stride_hm + rn[None, :],
+                        N, out_mask, w, dwp_ptr + pid_n.to(tl.int64) * R + rm64, mask_m, HAS_WEIGHT, STORE_H, ACT)
     else:
         if ZERO_PAD:  # EPI_STORE only: out is row-aligned with a
             tl.store(out_ptr + rm64[:, None] * stride_om + rn[None, :],
@@ -377,6 +496,13 @@ _CANDIDATES: dict[str, dict[str, list[TileConfig]]] = {
         "small": [_C(128, 128, 32, 8, 4, 3), _C(128, 256, 32, 8, 8, 3)],
     },
 }
+# fp8 operands (predicted, not yet measured): K blocks of 128 (128-byte rows, one blockwise scale
+# per step), the bf16 lists' shapes otherwise.
+_FP8_CANDIDATES: dict[str, tuple[TileConfig, ...]] = {
+    "gate_up": (_C(128, 128, 128, 8, 8, 3, True), _C(128, 128, 128, 8, 8, 4, True),
+                _C(64, 128, 128, 8, 4, 4, True)),
+    "rows": (_C(128, 256, 128, 8, 8, 3, True), _C(128, 128, 128, 8, 8, 4, True), _C(64, 128, 128, 8, 4, 4, True)),
+}
 # Under the interpreter: small tiles, one config (tests may override it via _INTERPRET_CONFIG).
 _INTERPRET_CONFIG: dict[str, TileConfig] = {k: _C(16, 16, 16, 2, 1, 1) for k in _CANDIDATES}
 _SMALL_ROWS = 256  # rows per expert at or under which the "small" list is tried
@@ -392,13 +518,14 @@ def _rows_bucket(rows: int, experts: int) -> int:
 
 
 def tile_config(kind: str, key: tuple, bucket: int, launch: Callable[[TileConfig], None], flops: float = 0.0,
-                extra: tuple[TileConfig, ...] = ()) -> TileConfig:
+                extra: tuple[TileConfig, ...] = (), keep: Callable[[TileConfig], bool] | None = None) -> TileConfig:
     """The cached best config of kernel ``kind`` for ``key`` (sizes, dtype, flags) and rows bucket.
 
     On a miss, times every candidate (``launch(cfg)`` must run the kernel on scratch outputs)
     and keeps the fastest (``flops`` of one launch goes into the log); configs that fail to
     compile (too much shared memory) are skipped. ``extra``: more candidates (e.g. the
-    ``torch._grouped_mm`` implementation where it can run).
+    ``torch._grouped_mm`` implementation where it can run); ``keep``: which candidates the
+    arguments allow (e.g. blockwise fp8 scales: K blocks dividing 128).
     Env: ``MOE_FUSED_TILE`` = ``BMxBNxBK`` forces a config (with GROUP_M 8, 8 warps, 3 stages);
     ``MOE_FUSED_TUNE=0`` takes the bucket's first candidate untimed; ``MOE_FUSED_TUNE_CACHE`` =
     a JSON file the tuned configs are read from and written to (shared across processes)."""
@@ -414,7 +541,8 @@ def tile_config(kind: str, key: tuple, bucket: int, launch: Callable[[TileConfig
     if cfg is not None:
         return cfg
     lists = _CANDIDATES[kind]
-    candidates = lists["small" if bucket <= _SMALL_ROWS else "large"] + list(extra)
+    candidates = [c for c in lists["small" if bucket <= _SMALL_ROWS else "large"] + list(extra)
+                  if keep is None or keep(c)]
     if os.environ.get("MOE_FUSED_TUNE", "1") == "0":  # no timing: the first (default) candidate
         return candidates[0]
     timings = {}
@@ -484,6 +612,12 @@ def _block_l(num_experts: int) -> int:
     return 16 if num_experts <= 16 else max(256, triton.next_power_of_2(num_experts))
 
 
+def _act_code(activation: str) -> int:
+    if activation not in ACT_CODES:
+        raise ValueError(f"activation must be one of {sorted(ACT_CODES)}, got {activation!r}")
+    return ACT_CODES[activation]
+
+
 def _num_row_blocks(rows: int, experts: int, bm: int) -> int:
     return triton.cdiv(rows, bm) + experts + 1
 
@@ -534,15 +668,65 @@ def _descriptor(t2d: torch.Tensor, block: list[int]):
     return TensorDescriptor.from_tensor(t2d, block)
 
 
+SCALE_NONE, SCALE_TENSOR, SCALE_BLOCK = 0, 1, 2
+_FP8_QBLOCK = 128  # the block of moe_dispatch.kernels.fp8 (scales per 128 elements along K)
+
+
+@dataclass(frozen=True)
+class FP8Scales:
+    """Scales of float8_e4m3fn GEMM operands (:mod:`moe_dispatch.kernels.fp8`), fp32.
+
+    recipe ``"tensor"``: ``a [1]`` and ``b [L]`` (one per expert). ``"block"``: ``a [rows, KB]``
+    (1 x 128 along K; rows as a's, read through the gather index when a is gathered) and b per
+    128 x 128 block; ``b_strides`` = strides of b's scale element ``(e, k block, n block)``
+    (rows_gemm only; gate_up_swiglu reads ``b [L, 2I / 128, KB]`` directly)."""
+
+    recipe: str
+    a: torch.Tensor
+    b: torch.Tensor
+    b_strides: tuple[int, int, int] = (0, 0, 0)
+
+
+def _scale_mode(scales: FP8Scales | None, a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> int:
+    fp8 = torch.float8_e4m3fn
+    if scales is None:
+        if a.dtype == fp8 or b.dtype == fp8:
+            raise ValueError("float8_e4m3fn operands need their scales (scales=FP8Scales(...))")
+        return SCALE_NONE
+    if a.dtype != fp8 or b.dtype != fp8:
+        raise ValueError(f"scales given: both operands must be float8_e4m3fn, got {a.dtype} and {b.dtype}")
+    if out_dtype == fp8:
+        raise ValueError("the output of an fp8 GEMM is bf16 / fp16 / fp32, not float8_e4m3fn")
+    if scales.recipe not in ("tensor", "block"):
+        raise ValueError(f"scales.recipe must be 'tensor' or 'block', got {scales.recipe!r}")
+    return SCALE_TENSOR if scales.recipe == "tensor" else SCALE_BLOCK
+
+
+def _scale_config_ok(scale_mode: int) -> Callable[[TileConfig], bool]:
+    """Blockwise scales change once per 128 elements of K: a K step must stay inside one block."""
+    return lambda cfg: scale_mode != SCALE_BLOCK or cfg.impl != "triton" or _FP8_QBLOCK % cfg.BK == 0
+
+
+def _check_scale_config(scale_mode: int, cfg: TileConfig) -> None:
+    if not _scale_config_ok(scale_mode)(cfg):
+        raise ValueError(f"blockwise fp8 scales need a K block dividing {_FP8_QBLOCK}, got config {cfg}")
+
+
+def _fp8_extra(kind: str, scale_mode: int) -> tuple[TileConfig, ...]:
+    """More candidates for fp8 operands (1-byte elements: K blocks of 128 fill a 128-byte row)."""
+    return _FP8_CANDIDATES[kind] if scale_mode else ()
+
+
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
 def gate_up_swiglu(
     x: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor, num_rows: int, *,
     row_token: torch.Tensor | None = None, save_gate_up: bool = False, zero_pad: bool = True,
+    activation: str = "silu", scales: FP8Scales | None = None, out_dtype: torch.dtype | None = None,
     config: TileConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``h [R, I] = silu(x_r W_g^T) * (x_r W_u^T)`` per expert, and optionally ``gu [R, 2I]`` (g | u).
+    """``h [R, I] = act(x_r W_g^T) * (x_r W_u^T)`` per expert, and optionally ``gu [R, 2I]`` (g | u).
 
     Args:
         x: ``[R, H]`` expert-grouped rows, or ``[N, H]`` tokens read through ``row_token``.
@@ -550,11 +734,18 @@ def gate_up_swiglu(
         w_gate_up: ``[L, 2I, H]``, x's dtype, contiguous.
         num_rows: R (rows of h).
         row_token: integer ``[R]``: the row of ``x`` each row reads (gather), or None.
+        activation: ``act``, a name of :data:`ACT_CODES`.
+        scales: x and w_gate_up in float8_e4m3fn: their scales (``a``: x's, ``b``: the weight's,
+            see :class:`FP8Scales`); None for x's dtype.
+        out_dtype: of h and gu (default x's dtype; required with fp8 operands).
     """
+    act = _act_code(activation)
     L, two_i, H = w_gate_up.shape
     I = two_i // 2
-    h = torch.empty(num_rows, I, device=x.device, dtype=x.dtype)
-    gu = torch.empty(num_rows, two_i, device=x.device, dtype=x.dtype) if save_gate_up else None
+    out_dtype = out_dtype or x.dtype
+    scale_mode = _scale_mode(scales, x, w_gate_up, out_dtype)
+    h = torch.empty(num_rows, I, device=x.device, dtype=out_dtype)
+    gu = torch.empty(num_rows, two_i, device=x.device, dtype=out_dtype) if save_gate_up else None
     if num_rows == 0 or I == 0:
         return h, gu
 
@@ -567,17 +758,25 @@ def gate_up_swiglu(
             gu_out if gu_out is not None else h_out,
             _descriptor(x, [cfg.BM, cfg.BK]) if a_tma else None,
             _descriptor(w_gate_up.view(-1, H), [cfg.BN, cfg.BK]) if b_tma else None,
+            scales.a if scales is not None else counts, scales.b if scales is not None else counts,
             num_rows, H, I, L, npm, x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), h_out.stride(0),
             gu_out.stride(0) if gu_out is not None else 0,
+            scales.a.stride(0) if scale_mode == SCALE_BLOCK else 0,
+            scales.b.stride(0) if scale_mode == SCALE_BLOCK else 0,
+            scales.b.stride(1) if scale_mode == SCALE_BLOCK else 0,
             GATHER=row_token is not None, SAVE_GU=gu_out is not None, ZERO_PAD=zero_pad,
-            EVEN_K=H % cfg.BK == 0, A_TMA=a_tma, B_TMA=b_tma, DOT_PREC=_dot_precision(x.dtype), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
+            EVEN_K=H % cfg.BK == 0, ACT=act, SCALE=scale_mode, A_TMA=a_tma, B_TMA=b_tma, DOT_PREC=_dot_precision(x.dtype),
+            BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
             GROUP_M=cfg.GROUP_M, BLOCK_L=_block_l(L), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if config is None:
         scratch = _once(lambda: (torch.empty_like(h), None if gu is None else torch.empty_like(gu)))
-        config = tile_config("gate_up", (H, I, str(x.dtype), row_token is not None, save_gate_up),
+        config = tile_config("gate_up", (H, I, str(x.dtype), row_token is not None, save_gate_up, activation,
+                                         scale_mode, str(out_dtype)),
                              _rows_bucket(num_rows, L), lambda c: launch(c, *scratch()),
-                             flops=4.0 * num_rows * H * I)
+                             flops=4.0 * num_rows * H * I, extra=_fp8_extra("gate_up", scale_mode),
+                             keep=_scale_config_ok(scale_mode))
+    _check_scale_config(scale_mode, config)
     launch(config)
     return h, gu
 
@@ -586,6 +785,7 @@ def rows_gemm(
     a: torch.Tensor, counts: torch.Tensor, b: torch.Tensor, b_strides: tuple[int, int, int], n: int,
     out: torch.Tensor, num_rows: int, *, epilogue: int = EPI_STORE, row_token: torch.Tensor | None = None,
     a_gather: bool = False, row_weight: torch.Tensor | None = None, gate_up: torch.Tensor | None = None,
+    h_out: torch.Tensor | None = None, activation: str = "silu", scales: FP8Scales | None = None,
     zero_pad: bool = True, config: TileConfig | None = None,
 ) -> torch.Tensor | None:
     """Grouped ``a_r @ B_e`` over ``num_rows`` expert-grouped rows; see ``_rows_gemm_kernel``.
@@ -600,13 +800,22 @@ def rows_gemm(
             ``row_token``) or ``[R, 2N]`` (EPI_SWIGLU_BWD, with ``gate_up [R, 2N]``).
         num_rows: R.
         row_weight: fp32 ``[R]`` (scatter scale / routing weight), or None.
+        h_out: EPI_SWIGLU_BWD only: ``[R, N]`` where ``h = act(g) * u`` is recomputed from
+            ``gate_up`` (valid rows written), or None.
+        activation: EPI_SWIGLU_BWD's ``act``, a name of :data:`ACT_CODES`.
+        scales: a and b in float8_e4m3fn (EPI_STORE / EPI_SCATTER): their scales; ``scales.b_strides``
+            gives b's scale element ``(e, k block, n block)``. None for a's dtype.
 
     Returns:
         For EPI_SWIGLU_BWD with ``row_weight``: fp32 ``[R]``, the gradient w.r.t. ``row_weight``
         (``sum_n acc * h``, reduced in a fixed order: deterministic); else None.
     """
+    act = _act_code(activation)
     L = counts.shape[0]
     K = a.shape[1]
+    scale_mode = _scale_mode(scales, a, b, out.dtype)
+    if scale_mode and epilogue == EPI_SWIGLU_BWD:
+        raise ValueError("fp8 operands are supported in the EPI_STORE / EPI_SCATTER epilogues only")
     want_dw = epilogue == EPI_SWIGLU_BWD and row_weight is not None
     # Tensor descriptors need b to be a contiguous [L, rows, cols] tensor read along its rows
     # (B_K_MAJOR: rows are n, k contiguous) or columns (rows are k).
@@ -620,6 +829,8 @@ def rows_gemm(
             out.zero_()
         if epilogue == EPI_SWIGLU_BWD:
             out.zero_()
+            if h_out is not None:
+                h_out.zero_()
         return torch.zeros(num_rows, device=a.device, dtype=torch.float32) if want_dw else None
 
     # dH on torch._grouped_mm, then the SwiGLU backward alone: a candidate where it can run
@@ -627,19 +838,21 @@ def rows_gemm(
     gmm_ok = (epilogue == EPI_SWIGLU_BWD and not a_gather and b.dim() == 3 and b_strides[2] == 1
               and b_strides[1] == b.shape[2] and b_strides[0] == b.shape[1] * b.shape[2] and _grouped_mm_ok(a, b))
 
-    def launch_grouped_mm(out_t: torch.Tensor) -> torch.Tensor | None:
+    def launch_grouped_mm(out_t: torch.Tensor, h_t: torch.Tensor | None) -> torch.Tensor | None:
         dh = torch._grouped_mm(a, b, offs=_offsets(counts))  # [R, N], rows past sum(counts) garbage
         bm, bn = (16, 16) if _INTERPRET else (32, 128)
         dwp = torch.empty(triton.cdiv(n, bn), num_rows, device=a.device, dtype=torch.float32) if want_dw else None
         _swiglu_bwd_kernel[(triton.cdiv(num_rows, bm), triton.cdiv(n, bn))](
             dh, gate_up, counts, row_weight if row_weight is not None else counts, out_t,
-            dwp if dwp is not None else counts, num_rows, n, L, dh.stride(0), gate_up.stride(0), out_t.stride(0),
-            HAS_WEIGHT=row_weight is not None, BM=bm, BN=bn, BLOCK_L=_block_l(L), num_warps=4)
+            dwp if dwp is not None else counts, h_t if h_t is not None else out_t, num_rows, n, L, dh.stride(0),
+            gate_up.stride(0), out_t.stride(0), h_t.stride(0) if h_t is not None else 0,
+            HAS_WEIGHT=row_weight is not None, STORE_H=h_t is not None, ACT=act, BM=bm, BN=bn, BLOCK_L=_block_l(L),
+            num_warps=4)
         return dwp
 
-    def launch(cfg: TileConfig, out_t: torch.Tensor) -> torch.Tensor | None:
+    def launch(cfg: TileConfig, out_t: torch.Tensor, h_t: torch.Tensor | None) -> torch.Tensor | None:
         if cfg.impl == "grouped_mm" and gmm_ok:
-            return launch_grouped_mm(out_t)
+            return launch_grouped_mm(out_t, h_t)
         npm = _num_row_blocks(num_rows, L, cfg.BM)
         num_pid_n = triton.cdiv(n, cfg.BN)
         dwp = torch.empty(num_pid_n, num_rows, device=a.device, dtype=torch.float32) if want_dw else None
@@ -650,23 +863,34 @@ def rows_gemm(
         _rows_gemm_kernel[(npm * num_pid_n,)](
             a, row_token if row_token is not None else dummy, b, counts, out_t,
             row_weight if row_weight is not None else dummy, gate_up if gate_up is not None else dummy,
-            dwp if dwp is not None else dummy,
+            dwp if dwp is not None else dummy, h_t if h_t is not None else dummy,
             _descriptor(a, [cfg.BM, cfg.BK]) if a_tma else None,
             _descriptor(b_tma_layout, b_block) if b_tma else None,
+            scales.a if scales is not None else dummy, scales.b if scales is not None else dummy,
             num_rows, n, K, L, npm, b.shape[1], a.stride(0), b_strides[0], b_strides[1], b_strides[2], out_t.stride(0),
-            gate_up.stride(0) if gate_up is not None else 0,
-            A_GATHER=a_gather, EPILOGUE=epilogue, HAS_WEIGHT=row_weight is not None,
+            gate_up.stride(0) if gate_up is not None else 0, h_t.stride(0) if h_t is not None else 0,
+            scales.a.stride(0) if scale_mode == SCALE_BLOCK else 0,
+            *(scales.b_strides if scale_mode == SCALE_BLOCK else (0, 0, 0)), SCALE=scale_mode,
+            A_GATHER=a_gather, EPILOGUE=epilogue, HAS_WEIGHT=row_weight is not None, STORE_H=h_t is not None,
+            ACT=act,
             ZERO_PAD=zero_pad and epilogue == EPI_STORE,
             EVEN_K=K % cfg.BK == 0, A_TMA=a_tma, B_TMA=b_tma, B_K_MAJOR=b_k_major, DOT_PREC=_dot_precision(a.dtype), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK,
             GROUP_M=cfg.GROUP_M, BLOCK_L=_block_l(L), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return dwp
 
     if config is None:
-        scratch = _once(lambda: torch.empty_like(out))
-        flags = (str(a.dtype), epilogue, a_gather, row_weight is not None, b_strides[2] == 1)
-        config = tile_config("rows", (n, K) + flags, _rows_bucket(num_rows, L), lambda c: launch(c, scratch()),
-                             flops=2.0 * num_rows * n * K, extra=(_GROUPED_MM,) if gmm_ok else ())
-    dwp = launch(config, out)
+        scratch = _once(lambda: (torch.empty_like(out), None if h_out is None else torch.empty_like(h_out)))
+        flags = (str(a.dtype), epilogue, a_gather, row_weight is not None, b_strides[2] == 1, h_out is not None)
+        if epilogue == EPI_SWIGLU_BWD:
+            flags += (activation,)
+        if scale_mode:
+            flags += (scale_mode, str(out.dtype))
+        config = tile_config("rows", (n, K) + flags, _rows_bucket(num_rows, L), lambda c: launch(c, *scratch()),
+                             flops=2.0 * num_rows * n * K,
+                             extra=((_GROUPED_MM,) if gmm_ok else ()) + _fp8_extra("rows", scale_mode),
+                             keep=_scale_config_ok(scale_mode))
+    _check_scale_config(scale_mode, config)
+    dwp = launch(config, out, h_out)
     return dwp.sum(0) if dwp is not None else None
 
 
