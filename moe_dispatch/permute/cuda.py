@@ -82,33 +82,7 @@ def _kernels_take(rows: torch.Tensor, num_experts: int = 1, topk: int = 1) -> bo
     return rows.dtype != torch.float64 and num_experts <= _MAX_EXPERTS and topk <= _MAX_TOPK
 
 
-def _rows_per_expert(selected_experts, num_experts, align_size, num_out_rows) -> torch.Tensor:
-    """int64 ``[E]``: rows of each expert's group that fit in ``num_out_rows`` (reference path)."""
-    flat = selected_experts.reshape(-1).long()
-    key = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
-    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device).scatter_add_(0, key, torch.ones_like(key))
-    counts = counts[:num_experts]
-    padded = (counts + align_size - 1) // align_size * align_size
-    starts = torch.cumsum(padded, 0) - padded
-    return torch.minimum(counts, (num_out_rows - starts).clamp(min=0))
-
-
 # --- backend interface (see moe_dispatch.permute) ---------------------------------------------
-def permute(
-    tokens: torch.Tensor,
-    selected_experts: torch.Tensor,
-    num_experts: int,
-    probs: Optional[torch.Tensor],
-    align_size: int,
-    num_out_rows: Optional[int],
-) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-    """``(permuted [M, H], permuted_probs [M] or None, row_id_map int64 [N, K])``; see
-    :func:`moe_dispatch.permute.permute`. No host sync when ``num_out_rows`` is given."""
-    if not _kernels_take(tokens, num_experts, selected_experts.shape[1]):
-        return reference.permute(tokens, selected_experts, num_experts, probs, align_size, num_out_rows)
-    return _OPS.permute(tokens, selected_experts, num_experts, probs, align_size, num_out_rows)
-
-
 def permute_counted(
     tokens: torch.Tensor,
     selected_experts: torch.Tensor,
@@ -117,12 +91,19 @@ def permute_counted(
     align_size: int,
     num_out_rows: Optional[int],
 ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """:func:`permute` plus ``tokens_per_expert`` int64 ``[E]``: the rows of each expert's group
-    that fit in the output (from the sort's own counts: no extra kernel, no host sync)."""
+    """``(permuted [M, H], permuted_probs [M] or None, row_id_map int64 [N, K], tokens_per_expert
+    int64 [E])``: see :func:`moe_dispatch.permute.permute`; ``tokens_per_expert`` are the rows of
+    each expert's group that fit in the output, from the sort's own counts (no extra kernel). No
+    host sync when ``num_out_rows`` is given."""
     if not _kernels_take(tokens, num_experts, selected_experts.shape[1]):
-        out = reference.permute(tokens, selected_experts, num_experts, probs, align_size, num_out_rows)
-        return (*out, _rows_per_expert(selected_experts, num_experts, align_size, out[0].shape[0]))
+        return reference.permute_counted(tokens, selected_experts, num_experts, probs, align_size, num_out_rows)
     return _OPS.permute_counted(tokens, selected_experts, num_experts, probs, align_size, num_out_rows)
+
+
+def permute(*args) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """:func:`permute_counted` (same arguments) without ``tokens_per_expert``: the kernels count
+    anyway, so one path serves both."""
+    return permute_counted(*args)[:3]
 
 
 def unpermute(permuted: torch.Tensor, row_id_map: torch.Tensor, merging_probs: Optional[torch.Tensor]) -> torch.Tensor:
