@@ -120,18 +120,27 @@ def _quant_block_kernel(
 
 
 @triton.jit
-def _amax_kernel(
-    x_ptr, part_ptr, counts_ptr, M, K, L, stride_xb, stride_xm, num_parts,
-    HAS_LIMIT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BLOCK_L: tl.constexpr,
-):
-    """``part[b, pid] = max |x[b]|`` over one ``[BM, BK]`` tile (valid rows only)."""
-    pid, b = tl.program_id(0), tl.program_id(1)
+def _load_tile(x_ptr, counts_ptr, M, K, L, stride_xb, stride_xm, pid, b,
+               HAS_LIMIT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Tile ``pid`` (row-major over ``[BM, BK]`` tiles) of ``x[b]`` in fp32, rows past the
+    limit read as 0; returns ``(tile, rows, cols)``."""
     num_k = tl.cdiv(K, BK)
     limit = _row_limit(counts_ptr, L, M, HAS_LIMIT, BLOCK_L)
     rm = (pid // num_k) * BM + tl.arange(0, BM)
     rk = (pid % num_k) * BK + tl.arange(0, BK)
     v = tl.load(x_ptr + b.to(tl.int64) * stride_xb + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :],
                 mask=(rm[:, None] < limit) & (rk[None, :] < K), other=0.0).to(tl.float32)
+    return v, rm, rk
+
+
+@triton.jit
+def _amax_kernel(
+    x_ptr, part_ptr, counts_ptr, M, K, L, stride_xb, stride_xm, num_parts,
+    HAS_LIMIT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """``part[b, pid] = max |x[b]|`` over one ``[BM, BK]`` tile (valid rows only)."""
+    pid, b = tl.program_id(0), tl.program_id(1)
+    v, rm, rk = _load_tile(x_ptr, counts_ptr, M, K, L, stride_xb, stride_xm, pid, b, HAS_LIMIT, BM, BK, BLOCK_L)
     tl.store(part_ptr + b.to(tl.int64) * num_parts + pid, tl.max(tl.max(tl.abs(v), 1), 0))
 
 
@@ -142,16 +151,10 @@ def _quant_tensor_kernel(
 ):
     """``q[b] = e4m3(x[b] * inv[b])`` over one ``[BM, BK]`` tile (rows past the limit: zeros)."""
     pid, b = tl.program_id(0), tl.program_id(1)
-    num_k = tl.cdiv(K, BK)
-    limit = _row_limit(counts_ptr, L, M, HAS_LIMIT, BLOCK_L)
-    rm = (pid // num_k) * BM + tl.arange(0, BM)
-    rk = (pid % num_k) * BK + tl.arange(0, BK)
-    rm64 = rm.to(tl.int64)
-    b64 = b.to(tl.int64)
-    v = tl.load(x_ptr + b64 * stride_xb + rm64[:, None] * stride_xm + rk[None, :],
-                mask=(rm[:, None] < limit) & (rk[None, :] < K), other=0.0).to(tl.float32)
+    v, rm, rk = _load_tile(x_ptr, counts_ptr, M, K, L, stride_xb, stride_xm, pid, b, HAS_LIMIT, BM, BK, BLOCK_L)
     q = _e4m3_grid(v * tl.load(inv_ptr + b))
-    tl.store(q_ptr + b64 * stride_qb + rm64[:, None] * stride_qm + rk[None, :], q.to(q_ptr.dtype.element_ty),
+    tl.store(q_ptr + b.to(tl.int64) * stride_qb + rm.to(tl.int64)[:, None] * stride_qm + rk[None, :],
+             q.to(q_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & (rk[None, :] < K))
 
 
